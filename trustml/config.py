@@ -23,48 +23,53 @@ class Section(BaseModel):
 
 
 class RunConfig(Section):
-    name: str = "run"
-    seed: int = 0
-    output_dir: str = "runs"
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    name: str = Field("run", description="run name; the run directory is <output_dir>/<name>-<time>")
+    seed: int = Field(0, description="seeds torch, numpy, python and every sampler")
+    output_dir: str = Field("runs", description="parent folder of run directories")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when available")
     checkpoint_every: int = Field(1, ge=1, description="epochs between checkpoints")
     experiment: str = Field("train", description="'train' or a driver in trustml.cli.EXPERIMENTS")
 
 
 class DataConfig(Section):
-    dataset: Literal["adult", "german", "text", "professions"] = "adult"
-    sensitive: str = "sex"
-    target: str = "income"
-    path: str | None = None
-    val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    dataset: Literal["adult", "german", "text", "professions"] = Field(
+        "adult", description="adult | german (tabular), text (data.text_path) | professions "
+        "(generated corpus)")
+    sensitive: str = Field("sex", description="adult: sex, race, race_binary, age; german: sex, age")
+    target: str = Field("income", description="adult: income (>50K) or hours (>40 h/week)")
+    path: str | None = Field(None, description="folder with the UCI files (default: shipped copy) "
+                             "or hf:<hub dataset>")
+    val_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="validation share of train")
     subset: int | None = Field(None, ge=1, description="use only the first N training rows")
     # language data
-    tokenizer: str = "gpt2"
-    seq_len: int = Field(64, ge=2)
-    text_path: str | None = None
+    tokenizer: str = Field("gpt2", description="gpt2 (offline BPE), a local folder or hub name")
+    seq_len: int = Field(64, ge=2, description="tokens per language-model sample")
+    text_path: str | None = Field(None, description="local UTF-8 text file for dataset: text")
 
 
 class ModelConfig(Section):
-    kind: Literal["mlp", "gpt2"] = "mlp"
-    hidden: list[int] = Field(default_factory=lambda: [64, 32])
-    dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    activation: Literal["relu", "gelu", "tanh"] = "relu"
-    norm: Literal["none", "layer", "group"] = "none"
-    # GPT-2: a hub name or local path (name), or a small config trained from scratch (config)
-    name: str | None = None
-    config: dict[str, Any] = Field(default_factory=dict)
+    kind: Literal["mlp", "gpt2"] = Field("mlp", description="mlp (tabular) or gpt2 (language)")
+    hidden: list[int] = Field(default_factory=lambda: [64, 32],
+                              description="MLP encoder widths; the last is the representation")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout after each hidden layer")
+    activation: Literal["relu", "gelu", "tanh"] = Field("relu", description="MLP activation")
+    norm: Literal["none", "layer", "group"] = Field(
+        "none", description="MLP normalisation (BatchNorm is not offered: it breaks DP)")
+    name: str | None = Field(None, description="GPT-2: hub name or local folder to load")
+    config: dict[str, Any] = Field(default_factory=dict,
+                                   description="GPT-2: GPT2Config fields to train from scratch")
 
 
 class TrainConfig(Section):
-    epochs: int = Field(5, ge=0)
-    batch_size: int = Field(256, ge=1)
-    optimizer: Literal["sgd", "adam", "adamw"] = "adam"
-    lr: float = Field(1e-3, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    momentum: float = Field(0.0, ge=0)
+    epochs: int = Field(5, ge=0, description="passes over the training data")
+    batch_size: int = Field(256, ge=1, description="(expected, with DP) logical batch size")
+    optimizer: Literal["sgd", "adam", "adamw"] = Field("adam", description="optimizer")
+    lr: float = Field(1e-3, gt=0, description="learning rate")
+    weight_decay: float = Field(0.0, ge=0, description="weight decay")
+    momentum: float = Field(0.0, ge=0, description="SGD momentum")
     max_steps: int | None = Field(None, ge=1, description="stop after this many steps in total")
-    log_every: int = Field(50, ge=1)
-    amp: Literal["none", "bf16", "fp16"] = "none"
+    log_every: int = Field(50, ge=1, description="steps between metrics.jsonl records")
+    amp: Literal["none", "bf16", "fp16"] = Field("none", description="autocast on CUDA")
 
 
 class PrivacyConfig(Section):
@@ -86,14 +91,20 @@ class PrivacyConfig(Section):
 
 
 class FairnessConfig(Section):
-    penalty: Literal["none", "mmd", "sinkhorn"] = "none"
-    weight: float = Field(1.0, ge=0)
-    notion: Literal["dp", "eo"] = "dp"
-    on: Literal["representation", "scores"] = "representation"
-    bandwidth: float | list[float] | Literal["median"] = "median"
-    blur: float = Field(0.05, gt=0)
-    scaling: float = Field(0.5, gt=0, lt=1, description="Sinkhorn eps-scaling ratio (nearer 1: more iterations)")
-    balanced_batches: bool = True
+    penalty: Literal["none", "mmd", "sinkhorn"] = Field(
+        "none", description="distance between groups added to the loss (refused with privacy)")
+    weight: float = Field(1.0, ge=0, description="lambda multiplying the penalty")
+    notion: Literal["dp", "eo"] = Field(
+        "dp", description="dp: all samples; eo: positives (y = 1) only")
+    acts_on: Literal["representation", "scores"] = Field(
+        "representation", description="compare groups' representations z or scores P(y=1)")
+    bandwidth: float | list[float] | Literal["median"] = Field(
+        "median", description="MMD Gaussian sigma, a list (kernels summed) or median heuristic")
+    blur: float = Field(0.05, gt=0, description="Sinkhorn blur (entropic eps = blur^2)")
+    scaling: float = Field(0.5, gt=0, lt=1,
+                           description="Sinkhorn eps-scaling ratio (nearer 1: more iterations)")
+    balanced_batches: bool = Field(
+        True, description="stratify batches by group (and label for eo) when a penalty is on")
 
 
 class DistillConfig(Section):
@@ -106,13 +117,34 @@ class DistillConfig(Section):
     temperature: float = Field(2.0, gt=0)
     cda: bool = False
     perturbation: Literal["none", "logit_mean", "logit_max", "prob_mean"] = "none"
+    # offline benchmark (run.experiment: distill_offline); its students use the perturbation above
+    corpus_size: int = Field(20000, ge=10, description="sentences of the generated corpus")
+    corpus_skew: float = Field(0.9, ge=0.5, le=1.0, description="P(stereotyped pronoun)")
+    neutral_fraction: float = Field(0.5, ge=0.0, lt=1.0, description="share of ungendered text")
+    teacher_epochs: int | None = Field(None, ge=1, description="teacher epochs (train.epochs)")
+    generations: int = Field(5, ge=1, description="sampled continuations per bias prompt")
 
 
 class AttackConfig(Section):
-    attacks: list[str] = Field(default_factory=list)
-    n_reference: int = Field(16, ge=1)
-    n_population: int = Field(1000, ge=1)
+    attacks: list[str] = Field(default_factory=list, description="e.g. loss, lira, rmia (tabular); "
+                               "loss, zlib, min_k, min_k_pp, reference (LM)")
+    n_reference: int = Field(16, ge=1, description="reference (shadow) models")
+    n_population: int = Field(1000, ge=1, description="RMIA population samples z")
     fpr: list[float] = Field(default_factory=lambda: [0.01, 0.001, 0.0001])
+    n_targets: int | None = Field(2000, ge=1, description="members scored (as many non-members)")
+    online: bool = Field(True, description="LiRA/RMIA with IN reference models (else offline)")
+    rmia_gamma: float = Field(1.0, gt=0)
+    rmia_a: float = Field(0.3, ge=0, le=1, description="offline RMIA Pr(x) scaling")
+    min_k: float = Field(0.2, gt=0, le=1, description="fraction of tokens for Min-K%(++)")
+    reference_run: str | None = Field(None, description="run dir of a reference LM")
+    audit_epsilons: list[float] = Field(
+        default_factory=lambda: [0.5, 1.0, 2.0, 4.0, 8.0, float("inf")],
+        description="accountant epsilons of the audit driver (inf = non-private)")
+    canaries: int = Field(10, ge=0, description="canaries inserted by the lm_canaries driver")
+    canary_repeats: list[int] = Field(default_factory=lambda: [1, 10, 100],
+                                      description="insertion counts, cycled over the canaries")
+    canary_candidates: int = Field(2000, ge=10, description="non-inserted secrets to rank against")
+    canary_corpus: int = Field(4000, ge=10, description="generated sentences the canaries hide in")
 
 
 class Config(Section):

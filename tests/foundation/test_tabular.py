@@ -73,3 +73,24 @@ def test_shuffled_batches_deterministic_per_epoch(adult):
     assert all(torch.equal(a, b) for a, b in zip(first, again))
     other = torch.cat([b["x"][:, 0] for b in batches.batches(1)])
     assert not torch.equal(torch.cat([b["x"][:, 0] for b in batches.batches(0)]), other)
+
+
+def test_hub_route_maps_columns(monkeypatch):
+    """The hf: route (network in real use) maps a hub copy's column names onto UCI Adult's."""
+    import datasets
+
+    from trustml.data.tabular import ADULT_COLUMNS, _open
+
+    rows = _open(FILES / "adult.data.gz")[:400]
+    hub_names = [c.replace("-", ".") for c in ADULT_COLUMNS]  # e.g. 'education.num'
+    table = datasets.Dataset.from_dict({n: [r[i] for r in rows] for i, n in enumerate(hub_names)})
+    calls = []
+
+    def fake_load(name):
+        calls.append(name)
+        return datasets.DatasetDict({"train": table})
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load)
+    data = load_tabular(DataConfig(path="hf:scikit-learn/adult-census-income", val_fraction=0.0))
+    assert calls == ["scikit-learn/adult-census-income"]
+    assert len(data.train) + len(data.test) == 400  # no test split on the hub: 30% held out

@@ -12,6 +12,8 @@ from collections.abc import Iterator
 import torch
 from torch.utils.data import Dataset, default_collate
 
+from trustml.training.distributed import World, shard
+
 
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
@@ -26,21 +28,31 @@ def collate(dataset: Dataset, index: torch.Tensor) -> dict[str, torch.Tensor]:
 
 
 class ShuffledBatches:
-    """Shuffled mini-batches of fixed size (the last one may be smaller unless ``drop_last``)."""
+    """Shuffled mini-batches of fixed size (the last one may be smaller unless ``drop_last``).
+
+    Under data parallelism every rank draws the same permutation and keeps its shard, with
+    ``batch_size / world.size`` rows per batch, so the ranks' batches together form one global
+    batch and every rank takes the same number of steps.
+    """
 
     def __init__(self, dataset: Dataset, batch_size: int, seed: int = 0,
-                 drop_last: bool = False) -> None:
+                 drop_last: bool = False, world: World = World()) -> None:
         if len(dataset) == 0:
             raise ValueError("cannot draw batches from an empty dataset")
-        self.dataset, self.batch_size, self.seed, self.drop_last = (
-            dataset, batch_size, seed, drop_last)
+        if batch_size % world.size:
+            raise ValueError(f"train.batch_size={batch_size} must be divisible by the number of "
+                             f"processes ({world.size})")
+        self.dataset, self.seed, self.drop_last, self.world = dataset, seed, drop_last, world
+        self.batch_size = batch_size // world.size
 
     def __len__(self) -> int:
-        n = len(self.dataset) / self.batch_size
+        n = len(self.dataset) // self.world.size / self.batch_size
         return max(1, math.floor(n) if self.drop_last else math.ceil(n))
 
     def batches(self, epoch: int) -> Iterator[dict[str, torch.Tensor]]:
         order = torch.randperm(len(self.dataset), generator=epoch_generator(self.seed, epoch))
+        if self.world.distributed:
+            order = shard(order[:len(order) - len(order) % self.world.size], self.world)
         for start in range(0, len(order), self.batch_size):
             index = order[start:start + self.batch_size]
             if self.drop_last and len(index) < self.batch_size and start > 0:

@@ -39,5 +39,8 @@ class MLP(nn.Module):
     def represent(self, x: torch.Tensor) -> torch.Tensor:
         return self.encoder(x)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.encoder(x))
+    def forward(self, x: torch.Tensor, with_representation: bool = False):
+        """Logits, or ``(logits, z)``: one call, so DistributedDataParallel sees the whole use."""
+        z = self.encoder(x)
+        logits = self.head(z)
+        return (logits, z) if with_representation else logits

@@ -17,6 +17,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from trustml.training.checkpoint import load_state, save_state
+from trustml.training.distributed import World
 
 
 def seed_everything(seed: int) -> None:
@@ -48,10 +49,12 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
 class MetricsLog:
     """Append-only ``metrics.jsonl``: one JSON object per logged step or finished epoch."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
+    def __init__(self, path: Path, enabled: bool = True) -> None:
+        self.path, self.enabled = path, enabled
 
     def write(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
         with self.path.open("a") as handle:
             handle.write(json.dumps(record) + "\n")
 
@@ -59,22 +62,25 @@ class MetricsLog:
 def fit(model: nn.Module, objective, step, batches, *, epochs: int, run_dir: str | Path,
         state: dict[str, Any] | None = None, evaluate: Callable[[], dict[str, float]] | None = None,
         max_steps: int | None = None, log_every: int = 50, checkpoint_every: int = 1,
-        resume: bool = False, progress: bool = True) -> dict[str, Any]:
+        resume: bool = False, progress: bool = True, world: World = World()) -> dict[str, Any]:
     """Train for ``epochs`` epochs of ``batches`` and return the run's summary.
 
     ``state`` maps names to objects with ``state_dict``/``load_state_dict`` (optimizer, privacy
     accountant, ...) that are checkpointed with the model. With ``resume`` the latest checkpoint in
     ``run_dir/checkpoint`` is restored, RNG states included, so the run continues exactly.
+    Under ``torchrun`` only rank 0 writes logs and checkpoints and shows progress.
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     state = dict(state or {})
-    log = MetricsLog(run_dir / "metrics.jsonl")
+    log = MetricsLog(run_dir / "metrics.jsonl", enabled=world.is_main)
+    progress = progress and world.is_main
     device = next(model.parameters()).device
+    core = getattr(model, "module", model)  # checkpoints hold the bare model, not a DDP wrapper
     start_epoch, global_step, history = 0, 0, []
     if resume:
         saved = load_state(run_dir / "checkpoint")
-        model.load_state_dict(saved["model"])
+        core.load_state_dict(saved["model"])
         for name, obj in state.items():
             obj.load_state_dict(saved["extra"][name])
         set_rng_state(saved["rng"])
@@ -109,8 +115,9 @@ def fit(model: nn.Module, objective, step, batches, *, epochs: int, run_dir: str
         if progress:
             tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                 for k, v in record.items()))
-        if (epoch + 1) % checkpoint_every == 0 or epoch + 1 == epochs or stopped:
-            save_state({"model": model.state_dict(), "rng": rng_state(), "epoch": epoch + 1,
+        checkpoint_now = (epoch + 1) % checkpoint_every == 0 or epoch + 1 == epochs or stopped
+        if checkpoint_now and world.is_main:
+            save_state({"model": core.state_dict(), "rng": rng_state(), "epoch": epoch + 1,
                         "step": global_step, "history": history,
                         "extra": {name: obj.state_dict() for name, obj in state.items()}},
                        run_dir / "checkpoint")

@@ -23,8 +23,7 @@ class ClassificationObjective:
     """Cross-entropy of an encoder/head model; exposes the representation ``z`` and ``logits``."""
 
     def __call__(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> ObjectiveOutput:
-        z = model.represent(batch["x"])
-        logits = model.head(z)
+        logits, z = model(batch["x"], with_representation=True)
         losses = F.cross_entropy(logits, batch["y"], reduction="none")
         return ObjectiveOutput(losses, {"z": z, "logits": logits})
 

@@ -19,6 +19,7 @@ from torch import nn
 from trustml import config as cfgmod
 from trustml.config import Config, ConfigError
 from trustml.data.sampling import ShuffledBatches
+from trustml.training import distributed
 from trustml.training.checkpoint import save_model
 from trustml.training.loop import fit, seed_everything
 from trustml.training.objectives import ClassificationObjective, LMObjective
@@ -117,13 +118,17 @@ def make_run_dir(config: Config) -> Path:
     return run_dir
 
 
-def _plain_batches(config: Config, parts: Parts):
+def _plain_batches(config: Config, parts: Parts, world: distributed.World):
     if config.fairness.penalty != "none" and config.fairness.balanced_batches:
         from trustml.fairness.sampling import GroupBalancedBatches
 
+        if world.distributed:
+            raise ConfigError("fairness.balanced_batches is single-process for now; set it to "
+                              "false to train a fairness penalty under torchrun")
         return GroupBalancedBatches(parts.train, config.train.batch_size, seed=config.run.seed,
                                     by_label=config.fairness.notion == "eo")
-    return ShuffledBatches(parts.train, config.train.batch_size, seed=config.run.seed)
+    return ShuffledBatches(parts.train, config.train.batch_size, seed=config.run.seed,
+                           world=world)
 
 
 def run_training(config: Config, run_dir: str | Path | None = None, resume: bool = False,
@@ -131,11 +136,14 @@ def run_training(config: Config, run_dir: str | Path | None = None, resume: bool
     """Train ``config`` into ``run_dir`` (a new ``runs/<name>-<time>`` when None)."""
     if resume and run_dir is None:
         raise ConfigError("--resume needs the run directory to continue")
-    run_dir = Path(run_dir) if run_dir is not None else make_run_dir(config)
+    device = resolve_device(config.run.device)
+    world = distributed.setup(device)
+    device = distributed.rank_device(device, world)
+    run_dir = Path(distributed.broadcast(
+        str(run_dir) if run_dir is not None else str(make_run_dir(config)), world))
     if resume and not (run_dir / "checkpoint").is_dir():
         raise ConfigError(f"--resume: {str(run_dir)!r} has no checkpoint/ to resume from")
     seed_everything(config.run.seed)
-    device = resolve_device(config.run.device)
     parts = build_parts(config)
     model = parts.model.to(device)
     optimizer = make_optimizer(config.train, model.parameters())
@@ -146,25 +154,33 @@ def run_training(config: Config, run_dir: str | Path | None = None, resume: bool
         penalties.append(build_penalty(config.fairness))
     state: dict[str, Any] = {"optimizer": optimizer}
     privacy = None
+    trained = model
     if config.privacy.enabled:
-        if penalties:
-            raise ConfigError("privacy.enabled with fairness.penalty: the penalty couples samples, "
-                              "so per-sample clipping does not bound its sensitivity; "
-                              "set fairness.penalty=none or privacy.enabled=false")
-        from trustml.privacy import make_private
+        from trustml.privacy import ensure_decomposable, make_private
 
         p = config.privacy
-        privacy = make_private(
-            model, optimizer, parts.train, noise_multiplier=p.noise_multiplier,
-            target_epsilon=p.target_epsilon, target_delta=p.delta, epochs=config.train.epochs,
-            max_grad_norm=p.max_grad_norm, accountant=p.accountant, poisson_sampling=p.poisson,
-            physical_batch_size=p.physical_batch_size, batch_size=config.train.batch_size,
-            epsilon_budget=p.epsilon_budget, seed=config.run.seed, amp=config.train.amp)
+        try:
+            ensure_decomposable(penalties)
+            privacy = make_private(
+                model, optimizer, parts.train, noise_multiplier=p.noise_multiplier,
+                target_epsilon=p.target_epsilon, target_delta=p.delta,
+                epochs=config.train.epochs, max_grad_norm=p.max_grad_norm,
+                accountant=p.accountant, poisson_sampling=p.poisson,
+                physical_batch_size=p.physical_batch_size, batch_size=config.train.batch_size,
+                epsilon_budget=p.epsilon_budget, seed=config.run.seed, amp=config.train.amp,
+                world=world)
+        except ValueError as err:
+            raise ConfigError(f"privacy: {err}") from None
         step, batches = privacy.step, privacy.batches
         state["privacy"] = privacy
     else:
         step = PlainStep(optimizer, penalties, amp=config.train.amp)
-        batches = _plain_batches(config, parts)
+        batches = _plain_batches(config, parts, world)
+        if world.distributed:
+            from torch.nn.parallel import DistributedDataParallel
+
+            trained = DistributedDataParallel(
+                model, device_ids=[device.index] if device.type == "cuda" else None)
 
     def evaluate() -> dict[str, float]:
         metrics = {"val_loss": mean_loss(model, parts.objective, parts.val,
@@ -179,12 +195,13 @@ def run_training(config: Config, run_dir: str | Path | None = None, resume: bool
         return metrics
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    cfgmod.save(config, run_dir / "config.yaml")
-    summary = fit(model, parts.objective, step, batches, epochs=config.train.epochs,
+    if world.is_main:
+        cfgmod.save(config, run_dir / "config.yaml")
+    summary = fit(trained, parts.objective, step, batches, epochs=config.train.epochs,
                   run_dir=run_dir, state=state, evaluate=evaluate,
                   max_steps=config.train.max_steps, log_every=config.train.log_every,
-                  checkpoint_every=config.run.checkpoint_every, resume=resume, progress=progress)
-    save_model(model, run_dir / "model.safetensors")
+                  checkpoint_every=config.run.checkpoint_every, resume=resume, progress=progress,
+                  world=world)
     final = summary["history"][-1] if summary["history"] else {}
     summary.update({k: v for k, v in final.items() if k.startswith(("val_", "epsilon"))})
     if parts.data is not None:
@@ -194,7 +211,9 @@ def run_training(config: Config, run_dir: str | Path | None = None, resume: bool
         summary.update({"epsilon": privacy.accountant.epsilon(config.privacy.delta),
                         "delta": config.privacy.delta,
                         "noise_multiplier": privacy.noise_multiplier,
-                        "sample_rate": privacy.sample_rate})
-    summary["device"] = str(device)
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+                        "sample_rate": privacy.sample_rate, "privacy_note": privacy.note})
+    summary.update({"device": str(device), "world_size": world.size})
+    if world.is_main:
+        save_model(model, run_dir / "model.safetensors")
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return TrainResult(run_dir, model, summary)

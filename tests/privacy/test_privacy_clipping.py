@@ -1,0 +1,260 @@
+"""PerSampleClipper equals a naive loop (one sample at a time: autograd, clip, sum) in float64."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GPT2Config, GPT2LMHeadModel
+from transformers.pytorch_utils import Conv1D
+
+from trustml.privacy import PerSampleClipper
+
+STRATEGIES = ["auto", "ghost", "materialise"]
+
+
+def naive(model, loss_fn, inputs, max_norm=float("inf")):
+    """Reference: per-sample gradients by one autograd call per sample."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    total = [torch.zeros_like(p) for p in params]
+    norms = []
+    for i in range(inputs[0].shape[0]):
+        loss = loss_fn(model, *[x[i : i + 1] for x in inputs]).sum()
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+        norm = torch.sqrt(sum((g**2).sum() for g in grads))
+        norms.append(norm)
+        factor = min(1.0, max_norm / norm.item())
+        for t, g in zip(total, grads):
+            t += factor * g
+    return torch.stack(norms), total
+
+
+def check(model, loss_fn, inputs, strategy="auto", device="cpu", dtype=torch.float64, rtol=1e-6):
+    model = model.to(device, dtype)
+    inputs = [(x.to(dtype) if x.is_floating_point() else x).to(device) for x in inputs]
+    norms_ref, _ = naive(model, loss_fn, inputs)
+    max_norm = norms_ref.median().item()  # some samples clipped, some not
+    _, grads_ref = naive(model, loss_fn, inputs, max_norm)
+    clipper = PerSampleClipper(model, max_norm, strategy=strategy)
+    model.zero_grad(set_to_none=True)
+    norms = clipper.backward(loss_fn(model, *inputs))
+    atol = 1e-12 if dtype == torch.float64 else 1e-6
+    torch.testing.assert_close(norms.to(norms_ref.dtype), norms_ref, rtol=rtol, atol=atol)
+    for (name, p), ref in zip(
+        [(n, p) for n, p in model.named_parameters() if p.requires_grad], grads_ref
+    ):
+        assert p.grad is not None, name
+        torch.testing.assert_close(
+            p.grad, ref, rtol=rtol, atol=atol * 100, msg=lambda m, name=name: f"{name}: {m}"
+        )
+    clipper.remove()
+    return clipper
+
+
+def sq_loss(model, x, target):
+    out = model(x)
+    return ((out - target) ** 2).flatten(1).sum(1) + out.flatten(1).sin().sum(1)
+
+
+torch.manual_seed(0)
+B, T = 6, 5
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_linear_2d(strategy):
+    torch.manual_seed(1)
+    check(nn.Linear(7, 3), sq_loss, [torch.randn(B, 7), torch.randn(B, 3)], strategy)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("steps", [2, 12])  # short: ghost cheaper; long: materialising cheaper
+def test_linear_3d(strategy, steps):
+    torch.manual_seed(2)
+    check(nn.Linear(8, 6), sq_loss, [torch.randn(B, steps, 8), torch.randn(B, steps, 6)], strategy)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_hf_conv1d(strategy):
+    torch.manual_seed(3)
+    check(Conv1D(3, 4), sq_loss, [torch.randn(B, T, 4), torch.randn(B, T, 3)], strategy)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_embedding_with_padding(strategy):
+    torch.manual_seed(4)
+    emb = nn.Embedding(11, 4, padding_idx=0)
+    ids = torch.randint(0, 11, (B, 8))  # repeated tokens: the token-equality mask matters
+    check(emb, sq_loss, [ids, torch.randn(B, 8, 4)], strategy)
+
+
+def test_layernorm_and_groupnorm():
+    torch.manual_seed(5)
+    ln = nn.LayerNorm(4)
+    nn.init.normal_(ln.weight), nn.init.normal_(ln.bias)
+    check(ln, sq_loss, [torch.randn(B, T, 4), torch.randn(B, T, 4)])
+    gn = nn.GroupNorm(2, 4)
+    nn.init.normal_(gn.weight), nn.init.normal_(gn.bias)
+    check(gn, sq_loss, [torch.randn(B, 4, 3), torch.randn(B, 4, 3)])
+
+
+class Gated(nn.Module):
+    """A layer with its own parameter and no fast rule: goes through torch.func."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate = nn.Parameter(torch.randn(4))
+        self.inner = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.inner(x) * torch.sigmoid(self.gate) + x.tanh() * self.gate
+
+
+def test_generic_path_and_conv2d():
+    torch.manual_seed(6)
+    model = nn.Sequential(nn.Linear(4, 4), Gated())
+    check(model, sq_loss, [torch.randn(B, T, 4), torch.randn(B, T, 4)])
+    conv = nn.Sequential(nn.Conv2d(2, 3, 3), nn.Flatten(), nn.Linear(3 * 2 * 2, 2))
+    check(conv, sq_loss, [torch.randn(B, 2, 4, 4), torch.randn(B, 2)])
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_mlp_with_frozen_layer(strategy):
+    torch.manual_seed(7)
+    model = nn.Sequential(
+        nn.Linear(10, 16), nn.ReLU(), nn.LayerNorm(16), nn.Linear(16, 8), nn.GELU(), nn.Linear(8, 2)
+    )
+    model[0].bias.requires_grad_(False)
+
+    def ce(m, x, y):
+        return F.cross_entropy(m(x), y, reduction="none")
+
+    check(model, ce, [torch.randn(B, 10), torch.randint(0, 2, (B,))], strategy)
+    assert model[0].bias.grad is None
+
+
+class TwiceAndTied(nn.Module):
+    """A layer called twice per forward, a broadcast (batch-1) input, and a tied weight."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(9, 4)
+        self.pos = nn.Embedding(T, 4)
+        self.mix = nn.Linear(4, 4)
+        self.out = nn.Linear(4, 9, bias=False)
+        self.out.weight = self.emb.weight
+
+    def forward(self, ids):
+        h = self.emb(ids) + self.pos(torch.arange(ids.shape[1]).unsqueeze(0))
+        h = self.mix(torch.tanh(self.mix(h)))
+        return self.out(h)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_reuse_broadcast_and_tying(strategy):
+    torch.manual_seed(8)
+    check(TwiceAndTied(), sq_loss, [torch.randint(0, 9, (B, T)), torch.randn(B, T, 9)], strategy)
+
+
+def lm_loss(model, ids):
+    logits = model(input_ids=ids).logits[:, :-1]
+    tokens = F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
+    return tokens.mean(1)
+
+
+def tiny_gpt2():
+    config = GPT2Config(
+        n_layer=2,
+        n_embd=32,
+        n_head=2,
+        vocab_size=100,
+        n_positions=16,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+    )
+    return GPT2LMHeadModel(config)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_untouched_gpt2_tied_default_positions(strategy):
+    torch.manual_seed(9)
+    model = tiny_gpt2()
+    assert model.lm_head.weight is model.transformer.wte.weight
+    check(model, lm_loss, [torch.randint(0, 100, (4, 12))], strategy)
+
+
+def test_accumulates_over_physical_batches():
+    torch.manual_seed(10)
+    model = nn.Sequential(nn.Linear(5, 3)).double()
+    x, y = torch.randn(8, 5, dtype=torch.float64), torch.randn(8, 3, dtype=torch.float64)
+    clipper = PerSampleClipper(model, 0.5)
+    clipper.backward(sq_loss(model, x, y))
+    whole = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    for part in (slice(0, 3), slice(3, 8)):
+        clipper.backward(sq_loss(model, x[part], y[part]))
+    for p, ref in zip(model.parameters(), whole):
+        torch.testing.assert_close(p.grad, ref)
+
+
+def test_batchnorm_refused():
+    with pytest.raises(ValueError, match="GroupNorm"):
+        PerSampleClipper(nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)), 1.0)
+
+
+def test_functional_use_detected():
+    model = nn.Linear(3, 2)
+
+    def loss(m, x):
+        return (F.linear(x, m.weight) ** 2).sum(1)  # bypasses the module's forward
+
+    clipper = PerSampleClipper(model, 1.0)
+    with pytest.raises(RuntimeError, match="used functionally"):
+        clipper.backward(loss(model, torch.randn(4, 3)))
+
+
+def test_bad_inputs():
+    model = nn.Linear(3, 2)
+    with pytest.raises(ValueError, match="max_grad_norm"):
+        PerSampleClipper(model, 0.0)
+    clipper = PerSampleClipper(model, 1.0)
+    with pytest.raises(ValueError, match=r"shape \(B,\)"):
+        clipper.backward(model(torch.randn(4, 3)).sum())
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@cuda
+@pytest.mark.parametrize("strategy", ["auto", "materialise"])
+def test_cuda_gpt2_float32(strategy):
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.manual_seed(11)
+    check(
+        tiny_gpt2(),
+        lm_loss,
+        [torch.randint(0, 100, (4, 12))],
+        strategy,
+        "cuda",
+        torch.float32,
+        rtol=1e-4,
+    )
+
+
+@cuda
+def test_cuda_bf16_autocast_norms_in_fp32():
+    torch.manual_seed(12)
+    model = tiny_gpt2().cuda()
+    ids = torch.randint(0, 100, (4, 12), device="cuda")
+    clipper = PerSampleClipper(model, 1.0)
+    ref = clipper.backward(lm_loss(model, ids))
+    model.zero_grad(set_to_none=True)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        losses = lm_loss(model, ids)
+    norms = clipper.backward(losses.float())
+    assert norms.dtype == torch.float32 and all(
+        p.grad.dtype == torch.float32 for p in model.parameters()
+    )
+    torch.testing.assert_close(norms, ref, rtol=0.05, atol=0.0)

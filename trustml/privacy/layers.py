@@ -1,0 +1,218 @@
+"""Per-layer rules: what one call of a layer contributes to its parameters' per-sample gradients.
+
+A rule keeps what it needs from the forward pass (``save``) and, given the gradient of the layer's
+output, yields one *use* per trainable parameter (``uses``):
+
+* :class:`Factored` -- the per-sample gradient is G_i = X_i^T Y_i (a linear map: X = output grads,
+  Y = activations; an embedding: X = one-hot token ids). It is kept as its two factors so that its
+  norm can be taken without materialising G_i ("ghost norm") and the clipped sum is one matmul.
+* a dense ``(B, *param.shape)`` tensor -- for small parameters (biases, norm scales) and the generic
+  ``torch.func`` path.
+
+Rules never see the batch mixing of autograd: every tensor they get has the batch as its first dim
+(broadcast inputs of batch 1 are expanded to ``B`` by :func:`batched`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+try:  # Hugging Face's transposed linear layer (GPT-2); optional so trustml.privacy imports alone
+    from transformers.pytorch_utils import Conv1D
+except ImportError:  # pragma: no cover - transformers is a dependency
+    Conv1D = None
+
+
+@dataclass
+class Factored:
+    """Per-sample gradient G_i = X_i^T Y_i of a 2-D parameter of shape (m, n).
+
+    ``x`` is (B, T, m) dense, or (B, T) token ids one-hot over ``vocab`` rows (then m = vocab);
+    ``y`` is (B, T, n). Several calls of the same layer are concatenated along T.
+    """
+
+    x: Tensor
+    y: Tensor
+    vocab: int | None = None
+
+    @property
+    def indexed(self) -> bool:
+        return self.vocab is not None
+
+    def ghost_cheaper(self) -> bool:
+        """FLOP estimate: Gram matrices T^2 (m + n) versus materialising T m n per sample."""
+        if self.indexed:
+            return True  # materialising is B x vocab x n: never worth it
+        t, m, n = self.x.shape[1], self.x.shape[2], self.y.shape[2]
+        return t * (m + n) <= m * n
+
+    def materialise(self) -> Tensor:
+        """(B, m, n) per-sample gradients."""
+        b, t, n = self.y.shape
+        if self.indexed:
+            out = self.y.new_zeros(b, self.vocab, n)
+            return out.scatter_add_(1, self.x.unsqueeze(-1).expand(b, t, n), self.y)
+        return torch.bmm(self.x.transpose(1, 2), self.y)
+
+    def weighted_sum(self, c: Tensor, into: Tensor | None = None) -> Tensor:
+        """sum_i c_i G_i as one matmul (one index_add for token ids), added to ``into`` if given."""
+        b, t, n = self.y.shape
+        c = c.to(self.y.dtype).view(b, 1, 1)
+        if self.indexed:
+            out = self.y.new_zeros(self.vocab, n) if into is None else into
+            return out.index_add_(0, self.x.reshape(-1), (self.y * c).reshape(-1, n).to(out.dtype))
+        x, y = self.x, self.y
+        if x.shape[2] <= n:  # scale the smaller factor
+            x = x * c
+        else:
+            y = y * c
+        x, y = x.reshape(b * t, -1).T, y.reshape(b * t, n)
+        return x @ y if into is None else into.addmm_(x.to(into.dtype), y.to(into.dtype))
+
+
+def gram(u: Factored, v: Factored) -> Tensor:
+    """(B, T_u, T_v) matrix X_u X_v^T, using token equality / gathers for one-hot factors."""
+    if u.indexed and v.indexed:
+        return (u.x.unsqueeze(2) == v.x.unsqueeze(1)).to(u.y.dtype)
+    if u.indexed:  # (X_u X_v^T)[t, s] = X_v[s, id_t]
+        return v.x.gather(2, u.x.unsqueeze(1).expand(-1, v.x.shape[1], -1)).transpose(1, 2)
+    if v.indexed:
+        return gram(v, u).transpose(1, 2)
+    return torch.bmm(u.x, v.x.transpose(1, 2))
+
+
+def inner(u: Factored, v: Factored, dtype: torch.dtype) -> Tensor:
+    """(B,) per-sample Frobenius inner products <G_u,i, G_v,i>, accumulated in ``dtype``."""
+    gx = gram(u, v).to(dtype)
+    gy = torch.bmm(u.y, v.y.transpose(1, 2)).to(dtype)
+    return (gx * gy).sum((1, 2))
+
+
+def merge(uses: list[Factored]) -> list[Factored]:
+    """Concatenate uses of the same kind along T: sum_k X_k^T Y_k = [X_1; X_2]^T [Y_1; Y_2]."""
+    groups: dict[Any, list[Factored]] = {}
+    for use in uses:
+        key = ("ids", use.vocab) if use.indexed else ("dense", use.x.shape[2])
+        groups.setdefault(key, []).append(use)
+    return [
+        g[0]
+        if len(g) == 1
+        else Factored(torch.cat([u.x for u in g], 1), torch.cat([u.y for u in g], 1), g[0].vocab)
+        for g in groups.values()
+    ]
+
+
+def batched(t: Tensor, batch: int) -> Tensor:
+    """Expand a broadcast input of batch 1 (e.g. GPT-2's default position ids) to ``batch``."""
+    return t.expand(batch, *t.shape[1:]) if t.shape[0] == 1 and batch > 1 else t
+
+
+def _rows(t: Tensor, batch: int, width: int | None = None) -> Tensor:
+    """(B, T, width) view of a (B, ..., width) tensor; (B, T) for ids when width is None."""
+    t = batched(t, batch)
+    return t.reshape(batch, -1) if width is None else t.reshape(batch, -1, width)
+
+
+Use = Factored | Tensor
+
+
+class Rule(Protocol):
+    def save(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any: ...
+
+    def uses(
+        self, module: nn.Module, saved: Any, grads: list[Tensor], batch: int
+    ) -> Iterator[tuple[nn.Parameter, Use]]: ...
+
+
+def _trainable(p: nn.Parameter | None) -> bool:
+    return p is not None and p.requires_grad
+
+
+class FirstInput:
+    """Rules whose backward needs only the layer's first positional input."""
+
+    def save(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        return args[0].detach() if args else next(iter(kwargs.values())).detach()
+
+
+class LinearRule(FirstInput):
+    def uses(self, module, saved, grads, batch):
+        g = _rows(grads[0], batch, module.out_features)
+        if _trainable(module.weight):
+            yield module.weight, Factored(g, _rows(saved, batch, module.in_features))
+        if _trainable(module.bias):
+            yield module.bias, g.sum(1)
+
+
+class Conv1DRule(FirstInput):
+    """Hugging Face Conv1D: a linear layer with weight stored as (in, out)."""
+
+    def uses(self, module, saved, grads, batch):
+        g = _rows(grads[0], batch, module.nf)
+        if _trainable(module.weight):
+            yield module.weight, Factored(_rows(saved, batch, module.nx), g)
+        if _trainable(module.bias):
+            yield module.bias, g.sum(1)
+
+
+class EmbeddingRule(FirstInput):
+    def uses(self, module, saved, grads, batch):
+        if not _trainable(module.weight):
+            return
+        ids = _rows(saved, batch)
+        g = _rows(grads[0], batch, module.embedding_dim)
+        if module.padding_idx is not None:  # the padding row gets no gradient in torch either
+            g = g * (ids != module.padding_idx).unsqueeze(-1).to(g.dtype)
+        yield module.weight, Factored(ids, g, module.num_embeddings)
+
+
+class LayerNormRule(FirstInput):
+    def uses(self, module, saved, grads, batch):
+        size = 1
+        for s in module.normalized_shape:
+            size *= s
+        g = grads[0]
+        x = batched(saved, batch).to(g.dtype)
+        xhat = F.layer_norm(x, module.normalized_shape, eps=module.eps)
+        shape = (batch, *module.normalized_shape)
+        if _trainable(module.weight):
+            yield module.weight, (g * xhat).reshape(batch, -1, size).sum(1).reshape(shape)
+        if _trainable(module.bias):
+            yield module.bias, g.reshape(batch, -1, size).sum(1).reshape(shape)
+
+
+class GroupNormRule(FirstInput):
+    def uses(self, module, saved, grads, batch):
+        g = grads[0]
+        x = batched(saved, batch).to(g.dtype)
+        xhat = F.group_norm(x, module.num_groups, eps=module.eps)
+        if _trainable(module.weight):
+            yield module.weight, (g * xhat).reshape(batch, module.num_channels, -1).sum(-1)
+        if _trainable(module.bias):
+            yield module.bias, g.reshape(batch, module.num_channels, -1).sum(-1)
+
+
+def rule_for(module: nn.Module) -> Rule | None:
+    """The fast exact rule for ``module``'s own parameters, or None (generic path or refusal)."""
+    if isinstance(module, nn.Embedding):
+        if module.scale_grad_by_freq or module.sparse:
+            raise ValueError(
+                f"{type(module).__name__}: scale_grad_by_freq/sparse embeddings are not supported by "
+                "per-sample clipping; construct the embedding without them"
+            )
+        return EmbeddingRule()
+    if isinstance(module, nn.Linear):
+        return LinearRule()
+    if Conv1D is not None and isinstance(module, Conv1D):
+        return Conv1DRule()
+    if isinstance(module, nn.LayerNorm):
+        return LayerNormRule()
+    if isinstance(module, nn.GroupNorm):
+        return GroupNormRule()
+    return None

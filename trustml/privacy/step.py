@@ -1,0 +1,163 @@
+"""DPStep: the DP-SGD GradientStep (see ARCHITECTURE.md).
+
+One logical (Poisson-sampled) batch -> physical batches through the clipper (clipped sums add up)
+-> one Gaussian noise draw N(0, sigma^2 C^2) per coordinate -> division by the EXPECTED batch size
+(dividing by the realised size would leak it) -> optimizer step -> one accountant step.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from trustml.privacy.accounting import PrivacyAccountant
+from trustml.privacy.clipping import PerSampleClipper
+from trustml.training.distributed import World, all_reduce_sum
+from trustml.training.step import autocast
+
+AMP = ("none", "bf16", "fp16")
+
+
+def batch_size(batch: dict[str, torch.Tensor]) -> int:
+    return next(iter(batch.values())).shape[0]
+
+
+def split(batch: dict[str, torch.Tensor], size: int | None) -> list[dict[str, torch.Tensor]]:
+    n = batch_size(batch)
+    if size is None or n <= size:
+        return [batch]
+    return [{k: v[i : i + size] for k, v in batch.items()} for i in range(0, n, size)]
+
+
+class DPStep:
+    """Clip per sample, add noise, step the optimizer and the accountant.
+
+    ``epsilon_budget`` makes :meth:`exhausted` refuse any step after which epsilon (at ``delta``)
+    would exceed it. ``amp`` autocasts the forward pass on CUDA (bf16, or fp16 with a dynamic loss
+    scale); per-sample norms are always accumulated in fp32.
+    """
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        clipper: PerSampleClipper,
+        *,
+        noise_multiplier: float,
+        expected_batch_size: float,
+        sample_rate: float,
+        accountant: PrivacyAccountant,
+        delta: float,
+        physical_batch_size: int | None = None,
+        epsilon_budget: float | None = None,
+        amp: str = "none",
+        seed: int = 0,
+        world: World = World(),
+    ):
+        if amp not in AMP:
+            raise ValueError(f"amp must be one of {AMP}, got {amp!r}")
+        if physical_batch_size is not None and physical_batch_size < 1:
+            raise ValueError(f"physical_batch_size must be >= 1, got {physical_batch_size!r}")
+        self.optimizer, self.clipper, self.accountant = optimizer, clipper, accountant
+        self.noise_multiplier, self.expected_batch_size = (
+            float(noise_multiplier),
+            float(expected_batch_size),
+        )
+        self.sample_rate, self.delta = float(sample_rate), float(delta)
+        self.physical_batch_size, self.epsilon_budget, self.amp = (
+            physical_batch_size,
+            epsilon_budget,
+            amp,
+        )
+        self.params = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
+        device = self.params[0].device
+        self.generator = torch.Generator(device=device).manual_seed(seed)
+        self.loss_scale = 2.0**16 if amp == "fp16" else 1.0
+        self.world = world
+
+    def exhausted(self) -> str | None:
+        if self.epsilon_budget is None:
+            return None
+        after = self.accountant.epsilon(
+            self.delta, extra=(self.noise_multiplier, self.sample_rate, 1)
+        )
+        if after > self.epsilon_budget:
+            return f"privacy budget spent: one more step would reach epsilon {after:.3f} > {self.epsilon_budget}"
+        return None
+
+    def step(
+        self, model: nn.Module, objective: Any, batch: dict[str, torch.Tensor]
+    ) -> dict[str, float]:
+        if model is not self.clipper.model:
+            raise ValueError("DPStep.step got a different model from the one made private")
+        self.optimizer.zero_grad(set_to_none=True)
+        device = self.params[0].device
+        n = batch_size(batch)
+        loss_sum, norms = 0.0, []
+        for part in split(batch, self.physical_batch_size) if n else []:
+            with autocast(device, self.amp):
+                losses = objective(model, part).losses
+            loss_sum += losses.detach().float().sum().item()
+            norms.append(self.clipper.backward(losses.float(), loss_scale=self.loss_scale))
+        norms = torch.cat(norms) if norms else torch.zeros(0, device=device)
+        overflow = not bool(torch.isfinite(norms).all())
+        if self.world.distributed:
+            loss_sum, n, overflow = self._sum_over_ranks(loss_sum, n, overflow)
+        self._noise_and_step(skip=overflow)
+        self.accountant.step(
+            self.noise_multiplier, self.sample_rate
+        )  # a skipped step is still charged
+        clipped = (norms > self.clipper.max_grad_norm).float().mean().item() if n else 0.0
+        return {
+            "loss": loss_sum / n if n else math.nan,
+            "batch_size": float(n),
+            "epsilon": self.accountant.epsilon(self.delta),
+            "clipped_fraction": clipped,
+            "grad_norm_median": norms.median().item() if n else 0.0,
+        }
+
+    def _sum_over_ranks(self, loss_sum: float, n: int, overflow: bool) -> tuple[float, int, bool]:
+        """The logical batch's totals over all ranks (data parallelism)."""
+        totals = torch.tensor([loss_sum, float(n), float(overflow)], device=self.params[0].device)
+        all_reduce_sum(totals, self.world)
+        return totals[0].item(), int(totals[1].item()), bool(totals[2].item())
+
+    def _noise_and_step(self, skip: bool) -> None:
+        if skip:  # fp16 overflow (on any rank): drop this update, halve the loss scale
+            self.loss_scale /= 2
+            self.optimizer.zero_grad(set_to_none=True)
+            return
+        # Noise is added exactly once in total: under data parallelism rank 0 adds it to its
+        # clipped sum, then one flat all-reduce sums the ranks, so every rank holds the same
+        # update as a single process on the union batch.
+        std = self.noise_multiplier * self.clipper.max_grad_norm if self.world.is_main else 0.0
+        for p in self.params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            if std > 0:
+                noise = torch.randn(
+                    p.shape, generator=self.generator, device=p.device, dtype=p.dtype
+                )
+                p.grad.add_(noise, alpha=std)
+        if self.world.distributed:
+            flat = torch.cat([p.grad.reshape(-1) for p in self.params])
+            all_reduce_sum(flat, self.world)
+            for p, chunk in zip(self.params, flat.split([p.numel() for p in self.params])):
+                p.grad.copy_(chunk.view_as(p))
+        for p in self.params:
+            p.grad.div_(self.expected_batch_size)
+        self.optimizer.step()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "accountant": self.accountant.state_dict(),
+            "noise_generator": self.generator.get_state(),
+            "loss_scale": self.loss_scale,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.accountant.load_state_dict(state["accountant"])
+        self.generator.set_state(state["noise_generator"].cpu())
+        self.loss_scale = float(state["loss_scale"])
