@@ -223,3 +223,25 @@ def load(path: str | Path | None, overrides: list[str] | None = None) -> Config:
 
 def save(config: Config, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+
+
+def reference_markdown() -> str:
+    """The config reference table of README.md (a test keeps the two in step)."""
+    lines = ["| key | default | meaning |", "|---|---|---|"]
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        for name, field in model.model_fields.items():
+            annotation = field.annotation
+            if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+                walk(annotation, f"{prefix}{name}.")
+                continue
+            default = field.get_default(call_default_factory=True)
+            text = (field.description or "").replace("|", "\\|")
+            lines.append(f"| `{prefix}{name}` | `{default!r}` | {text} |")
+
+    walk(Config, "")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(reference_markdown())

@@ -1,0 +1,253 @@
+"""Accuracy-fairness trade-off: train one model per (penalty, weight), evaluate on the test split.
+
+``trustml-sweep --config configs/adult_fair_mmd.yaml --weights 0,0.1,1,3 --penalties mmd,sinkhorn``
+writes ``sweep.json``, ``report.md`` and ``tradeoff.png`` (accuracy vs demographic parity and vs
+equal opportunity difference, one curve per penalty) into one run directory. Weight 0 is the
+unpenalised MLP, trained once and shared by every curve. Two Fairlearn reference points on the same
+split (ExponentiatedGradient + DemographicParity on logistic regression, ThresholdOptimizer) are
+added when fairlearn and scikit-learn are installed (``pip install trustml[bench]``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+from trustml import config as cfgmod
+from trustml.config import Config, ConfigError
+from trustml.fairness.metrics import classification_report
+
+KEYS = (
+    "accuracy",
+    "balanced_accuracy",
+    "auc",
+    "demographic_parity_difference",
+    "demographic_parity_ratio",
+    "equal_opportunity_difference",
+    "equalized_odds_difference",
+)
+
+
+def _floats(text: str, name: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ConfigError(f"--{name}: expected comma-separated numbers, got {text!r}") from None
+    if not values or min(values) < 0:
+        raise ConfigError(f"--{name}: expected non-negative numbers, got {text!r}")
+    return values
+
+
+def _names(text: str) -> list[str]:
+    names = [v.strip() for v in text.split(",") if v.strip()]
+    bad = [n for n in names if n not in ("mmd", "sinkhorn")]
+    if not names or bad:
+        raise ConfigError(
+            f"--penalties: expected a comma-separated subset of mmd,sinkhorn, got {text!r}"
+        )
+    return names
+
+
+def _summary(report: dict[str, Any]) -> dict[str, Any]:
+    return {k: report[k] for k in KEYS}
+
+
+def train_point(config: Config, run_dir: Path, progress: bool) -> dict[str, Any]:
+    """Train ``config`` into ``run_dir`` and return its test-split report."""
+    from trustml.data.tabular import load_tabular
+    from trustml.evaluation.tabular import predict_scores
+    from trustml.training.run import run_training
+
+    result = run_training(config, run_dir, progress=progress)
+    data = load_tabular(config.data, seed=config.run.seed)
+    device = next(result.model.parameters()).device
+    scores = predict_scores(result.model, data.test, device)
+    return classification_report(
+        data.test.y.numpy(), scores, data.test.s.numpy(), group_names=data.group_names
+    )
+
+
+def fairlearn_points(config: Config) -> tuple[dict[str, dict[str, Any]], str | None]:
+    """Fairlearn reference points on the same split, or a note saying why they are missing."""
+    try:
+        from fairlearn.postprocessing import ThresholdOptimizer
+        from fairlearn.reductions import DemographicParity, ExponentiatedGradient
+        from sklearn.linear_model import LogisticRegression
+    except ImportError as err:
+        return (
+            {},
+            f"Fairlearn reference points skipped ({err.name} not installed: pip install trustml[bench]).",
+        )
+    from trustml.data.tabular import load_tabular
+
+    data = load_tabular(config.data, seed=config.run.seed)
+    x, y, s = data.train.x.double().numpy(), data.train.y.numpy(), data.train.s.numpy()
+    xt, yt, st = data.test.x.double().numpy(), data.test.y.numpy(), data.test.s.numpy()
+    points = {}
+    eg = ExponentiatedGradient(LogisticRegression(max_iter=1000), DemographicParity(), eps=0.01)
+    eg.fit(x, y, sensitive_features=s)
+    pred = eg.predict(xt, random_state=config.run.seed)  # a randomised classifier: hard labels
+    points["fairlearn ExpGrad(DP) + LogReg"] = classification_report(
+        yt, pred.astype(float), st, group_names=data.group_names
+    )
+    to = ThresholdOptimizer(
+        estimator=LogisticRegression(max_iter=1000),
+        constraints="demographic_parity",
+        predict_method="predict_proba",
+        prefit=False,
+    )
+    to.fit(x, y, sensitive_features=s)
+    pred = to.predict(xt, sensitive_features=st, random_state=config.run.seed)
+    points["fairlearn ThresholdOptimizer(DP) + LogReg"] = classification_report(
+        yt, pred.astype(float), st, group_names=data.group_names
+    )
+    return points, None
+
+
+def plot(
+    curves: dict[str, list[dict[str, Any]]], references: dict[str, dict[str, Any]], path: Path
+) -> None:
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    for ax, key, label in zip(
+        axes,
+        ("demographic_parity_difference", "equal_opportunity_difference"),
+        ("demographic parity difference", "equal opportunity difference"),
+    ):
+        for name, points in curves.items():
+            ax.plot([p[key] for p in points], [p["accuracy"] for p in points], "o-", label=name)
+            for p in points:
+                ax.annotate(
+                    f"{p['weight']:g}",
+                    (p[key], p["accuracy"]),
+                    fontsize=7,
+                    textcoords="offset points",
+                    xytext=(3, 3),
+                )
+        markers = iter("s^Dv")
+        for name, point in references.items():
+            ax.plot(point[key], point["accuracy"], next(markers), ms=8, label=name)
+        ax.set_xlabel(f"{label} (test)")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("accuracy (test)")
+    axes[0].legend(fontsize=8, loc="upper left")  # the empty corner: fair and accurate
+    fig.suptitle("Accuracy vs fairness; labels are penalty weights (0 = unpenalised MLP)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _table(rows: list[tuple[str, dict[str, Any]]]) -> str:
+    head = "| model | accuracy | DP diff | DP ratio | EO diff | EOdds diff | AUC |\n|---|---|---|---|---|---|---|\n"
+    fmt = lambda v: "n/a" if v is None else f"{v:.4f}"
+    return head + "\n".join(
+        f"| {name} | {fmt(r['accuracy'])} | {fmt(r['demographic_parity_difference'])} | "
+        f"{fmt(r['demographic_parity_ratio'])} | {fmt(r['equal_opportunity_difference'])} | "
+        f"{fmt(r['equalized_odds_difference'])} | {fmt(r['auc'])} |"
+        for name, r in rows
+    )
+
+
+def run_sweep(
+    config: Config,
+    weights: list[float],
+    penalties: list[str],
+    run_dir: Path,
+    references: bool = True,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train the grid into ``run_dir`` and write sweep.json, report.md and tradeoff.png."""
+    from tqdm import tqdm
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cfgmod.save(config, run_dir / "config.yaml")
+    base = config.model_copy(deep=True)
+    base.fairness.penalty, base.fairness.weight = "none", 0.0
+    jobs = [("unpenalised", 0.0, base)] if 0.0 in weights else []
+    for penalty in penalties:
+        for w in (w for w in weights if w > 0):
+            cfg = config.model_copy(deep=True)
+            cfg.fairness.penalty, cfg.fairness.weight = penalty, w
+            jobs.append((penalty, w, cfg))
+    results = []
+    for name, weight, cfg in tqdm(jobs, desc="sweep", disable=not progress):
+        report = train_point(cfg, run_dir / f"{name}-w{weight:g}", progress=False)
+        results.append(
+            {"penalty": name, "weight": weight, **_summary(report), "groups": report["groups"]}
+        )
+    curves = {p: [r for r in results if r["penalty"] in (p, "unpenalised")] for p in penalties}
+    refs, note = (
+        fairlearn_points(config) if references else ({}, "Fairlearn reference points disabled.")
+    )
+    plot(curves, refs, run_dir / "tradeoff.png")
+    summary = {
+        "results": results,
+        "references": {k: _summary(v) for k, v in refs.items()},
+        "note": note,
+        "config": config.to_dict(),
+    }
+    (run_dir / "sweep.json").write_text(json.dumps(summary, indent=2))
+    rows = [
+        (f"{r['penalty']} (weight {r['weight']:g})" if r["weight"] else "unpenalised MLP", r)
+        for r in results
+    ] + list(summary["references"].items())
+    f = config.fairness
+    md = [
+        f"# Fairness trade-off sweep: {config.data.dataset}, sensitive = {config.data.sensitive}",
+        "",
+        (
+            f"Penalty on the {f.acts_on}, notion {f.notion}, {config.train.epochs} epochs, "
+            f"batch {config.train.batch_size}, seed {config.run.seed}; all numbers on the test split."
+        ),
+        "",
+        _table(rows),
+        "",
+        "![trade-off](tradeoff.png)",
+    ]
+    if note:
+        md += ["", note]
+    (run_dir / "report.md").write_text("\n".join(md) + "\n")
+    return summary
+
+
+def sweep_main(argv: list[str] | None = None) -> int:
+    """Entry point of ``trustml-sweep`` (errors are ConfigError; the CLI wrapper prints them)."""
+    parser = argparse.ArgumentParser(prog="trustml-sweep", description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--config", required=True, help="YAML run config (e.g. configs/adult_fair_mmd.yaml)"
+    )
+    parser.add_argument("--weights", default="0,0.1,1,3", help="comma-separated penalty weights")
+    parser.add_argument("--penalties", default="mmd,sinkhorn", help="comma-separated: mmd,sinkhorn")
+    parser.add_argument(
+        "--set", nargs="*", default=[], metavar="KEY=VALUE", help="dotted config overrides"
+    )
+    parser.add_argument("--run-dir", help="write here instead of runs/<name>-sweep-<time>")
+    parser.add_argument("--no-references", action="store_true", help="skip the Fairlearn points")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    args = parser.parse_args(argv)
+    config = cfgmod.load(args.config, args.set)
+    if config.model.kind != "mlp":
+        raise ConfigError("trustml-sweep: model.kind must be 'mlp' (tabular fairness sweep)")
+    weights, penalties = _floats(args.weights, "weights"), _names(args.penalties)
+    if args.run_dir:
+        run_dir = Path(args.run_dir)
+    else:
+        from trustml.training.run import make_run_dir
+
+        named = config.model_copy(deep=True)
+        named.run.name = f"{config.run.name}-sweep"
+        run_dir = make_run_dir(named)
+    summary = run_sweep(config, weights, penalties, run_dir, not args.no_references, not args.quiet)
+    for r in summary["results"]:
+        print(
+            f"{r['penalty']:>12} w={r['weight']:<6g} acc={r['accuracy']:.4f} "
+            f"dp={r['demographic_parity_difference']:.4f} eo={r['equal_opportunity_difference']:.4f}"
+        )
+    print(f"sweep directory: {run_dir}")
+    return 0
