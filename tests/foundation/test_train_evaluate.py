@@ -66,3 +66,17 @@ def test_checkpoint_round_trip_and_corruption(tmp_path):
         load_state(tmp_path / "ck")
     with pytest.raises(CheckpointError, match="expected state.json"):
         load_state(tmp_path / "nothing")
+
+
+def test_dp_resume_keeps_spent_epsilon(tmp_path):
+    dp = ["privacy.enabled=true", "privacy.noise_multiplier=1.0", "train.batch_size=256", *FAST]
+    full = run_training(cfgmod.load("configs/adult.yaml", ["train.epochs=2", *dp]),
+                        tmp_path / "full", progress=False)
+    part_cfg = cfgmod.load("configs/adult.yaml", ["train.epochs=1", *dp])
+    first = run_training(part_cfg, tmp_path / "part", progress=False)
+    assert 0 < first.summary["epsilon"] < full.summary["epsilon"]
+    resumed = run_training(cfgmod.load(tmp_path / "part" / "config.yaml", ["train.epochs=2"]),
+                           tmp_path / "part", resume=True, progress=False)
+    assert resumed.summary["epsilon"] == pytest.approx(full.summary["epsilon"], rel=1e-12)
+    for a, b in zip(full.model.parameters(), resumed.model.parameters()):
+        assert torch.equal(a, b)  # noise generator and Poisson draws continue exactly
