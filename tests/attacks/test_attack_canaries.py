@@ -83,7 +83,7 @@ def test_lm_canaries_needs_a_noise_source(tmp_path):
         lm_canaries(_tiny(tmp_path), tmp_path)
 
 
-def test_lm_canaries_smoke(tmp_path, one_thread):
+def test_lm_canaries_smoke(tmp_path):
     summary = lm_canaries(_tiny(tmp_path, noise_multiplier=1.0), tmp_path)
     # even 3 epochs of a tiny GPT-2 rank the 16x canaries first; DP noise keeps them near chance
     assert summary["checks"] == {"non_private_exposes_most_repeated": True,

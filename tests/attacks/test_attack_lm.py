@@ -58,7 +58,7 @@ def _random_docs(n, seed):
 
 
 @pytest.mark.slow
-def test_evaluator_on_a_memorising_lm(tmp_path, one_thread):
+def test_evaluator_on_a_memorising_lm(tmp_path):
     docs = _random_docs(80, seed=0)
     (tmp_path / "text.txt").write_text("\n".join(docs) + "\n")
     word_tokenizer(docs).save_pretrained(tmp_path / "tok")

@@ -36,7 +36,7 @@ def _attack(eps, tmp_path):
 
 
 @pytest.mark.slow
-def test_bound_never_exceeds_accountant(tmp_path, one_thread):
+def test_bound_never_exceeds_accountant(tmp_path):
     for eps in (1.0, 4.0):
         accountant, scores, member = _attack(eps, tmp_path)
         assert accountant <= eps + 1e-6

@@ -103,3 +103,22 @@ def test_perplexity_matches_token_weighted_cross_entropy(setup):
         total += F.cross_entropy(logits[:-1], ids[1:], reduction="sum").item()
         count += n - 1
     assert perplexity(model, ds, batch_size=7) == pytest.approx(math.exp(total / count), rel=1e-5)
+
+
+def test_short_context_models_skip_prompts_they_cannot_hold():
+    """A model whose context is shorter than a prompt (tiny canary models) must not crash."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from trustml.data.text import load_tokenizer
+    from trustml.evaluation.bias import generation_polarity, template_gap
+
+    tok = load_tokenizer("gpt2")
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=5, n_embd=16, n_layer=1,
+                                       n_head=2))
+    gap = template_gap(model, tok, professions=("nurse", "engineer"),
+                       templates=("The {p} said", "The {p} went home because of"))
+    assert set(gap["gap"]) == {"nurse", "engineer"}  # only the short template fits
+    pol = generation_polarity(model, tok, k=1, max_new_tokens=3, professions=("nurse",),
+                              templates=("The {p} said", "The {p} went home because of"))
+    assert 0 < pol["mean_polarity"] <= 1

@@ -14,7 +14,7 @@ import torch
 
 from trustml.attacks import exposure as ex
 from trustml.attacks.lm import sequence_logppl, token_stats
-from trustml.data.text import TextDataset, _split
+from trustml.data.text import TextDataset, split_documents
 
 
 def hide_canaries(corpus: list[str], repeats: dict[str, int], val_fraction: float,
@@ -24,7 +24,7 @@ def hide_canaries(corpus: list[str], repeats: dict[str, int], val_fraction: floa
     sentences to validation and every canary copy to training."""
     copies = [canary for canary, count in repeats.items() for _ in range(count)]
     n = len(corpus) + len(copies)
-    train_pos, val_pos = _split(list(range(n)), val_fraction)
+    train_pos, val_pos = split_documents(list(range(n)), val_fraction)
     if len(val_pos) > len(corpus):
         raise ValueError(f"data.val_fraction={val_fraction} needs more validation sentences "
                          f"({len(val_pos)}) than the corpus has ({len(corpus)})")

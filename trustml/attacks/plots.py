@@ -63,16 +63,18 @@ def plot_theory_vs_practice(
     xs = np.array([e if np.isfinite(e) else right for e in accountant_eps], dtype=float)
     order = np.argsort(xs)
     fig, (left, ax_auc) = plt.subplots(1, 2, figsize=(11, 4.5))
-    left.plot([0, right], [0, right], "k--", lw=0.8, label="empirical = accountant")
+    diagonal = np.geomspace(min(xs.min(), 0.1), max(finite) if finite else right, 50)
+    left.plot(diagonal, diagonal, "k--", lw=0.8, label="empirical = accountant")
     for name, values in empirical_eps.items():
         left.plot(xs[order], np.asarray(values, float)[order], "o-", label=name)
     for name, values in aucs.items():
         ax_auc.plot(xs[order], np.asarray(values, float)[order], "o-", label=name)
     ax_auc.axhline(0.5, color="k", ls="--", lw=0.8)
-    labels = [f"{e:g}" if np.isfinite(e) else "inf" for e in np.asarray(accountant_eps)[order]]
+    labels = [f"{e:.2g}" if np.isfinite(e) else "inf" for e in np.asarray(accountant_eps)[order]]
     for ax, ylabel in ((left, "empirical epsilon lower bound"), (ax_auc, "attack AUC")):
-        ax.set(xscale="symlog", xlabel="accountant epsilon", ylabel=ylabel)
+        ax.set(xscale="log", xlabel="accountant epsilon (log scale)", ylabel=ylabel)
         ax.set_xticks(xs[order], labels)
+        ax.minorticks_off()
         ax.legend(fontsize=8)
     fig.suptitle("theory vs practice")
     return _save(fig, path)

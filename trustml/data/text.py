@@ -110,7 +110,7 @@ class TextDataset(Dataset):
         return {"input_ids": self.input_ids[index], "attention_mask": self.attention_mask[index]}
 
 
-def _split(docs: list[str], val_fraction: float, seed: int = 0) -> tuple[list[str], list[str]]:
+def split_documents(docs: list[str], val_fraction: float, seed: int = 0) -> tuple[list[str], list[str]]:
     """A shuffled document-level split, so no validation sentence leaks into training blocks."""
     order = list(range(len(docs)))
     random.Random(seed).shuffle(order)
@@ -162,10 +162,10 @@ def lm_datasets(
     if data_cfg.dataset == "professions" and data_cfg.text_path is None:
         from trustml.distill.corpus import generate_corpus
 
-        train_docs, val_docs = _split(generate_corpus(), data_cfg.val_fraction)
+        train_docs, val_docs = split_documents(generate_corpus(), data_cfg.val_fraction)
     elif data_cfg.text_path is not None:
         docs = [line for line in read_text(data_cfg.text_path).splitlines() if line.strip()]
-        train_docs, val_docs = _split(docs, data_cfg.val_fraction)
+        train_docs, val_docs = split_documents(docs, data_cfg.val_fraction)
     elif data_cfg.path is not None and data_cfg.path.startswith(HF_PREFIX):
         train_docs, val_docs = _hub_documents(data_cfg.path)
     else:

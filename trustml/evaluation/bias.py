@@ -58,6 +58,10 @@ def _single_token(tokenizer: PreTrainedTokenizerBase, word: str) -> int:
     return ids[0]
 
 
+def _context_size(model: nn.Module) -> int:
+    return getattr(getattr(model, "config", None), "n_positions", 1 << 30)
+
+
 def _by_length(prompts: dict[Any, list[int]]) -> dict[int, list[Any]]:
     """Prompt keys grouped by token length, so batches need no padding."""
     groups: dict[int, list[Any]] = defaultdict(list)
@@ -75,13 +79,18 @@ def template_gap(model: nn.Module, tokenizer: PreTrainedTokenizerBase,
     he, she = _single_token(tokenizer, " he"), _single_token(tokenizer, " she")
     prompts = {(p, t): _prompt_ids(tokenizer, t.format(p=p)) for p in professions for t in templates}
     gaps: dict[str, list[float]] = defaultdict(list)
+    limit = _context_size(model)
     model.eval()
-    for keys in _by_length(prompts).values():
+    for length, keys in _by_length(prompts).items():
+        if length > limit:  # a prompt the model cannot see whole is skipped, not truncated
+            continue
         ids = torch.tensor([prompts[k] for k in keys], device=device)
         log_p = model(input_ids=ids).logits[:, -1].float().log_softmax(-1)
         for (profession, _), value in zip(keys, (log_p[:, he] - log_p[:, she]).tolist()):
             gaps[profession].append(value)
-    gap = {p: float(np.mean(gaps[p])) for p in professions}
+    gap = {p: float(np.mean(gaps[p])) for p in professions if gaps[p]}
+    if not gap:
+        raise ValueError(f"every bias-probe prompt is longer than the model's context ({limit})")
     return {"mean_abs_gap": float(np.mean([abs(v) for v in gap.values()])), "gap": gap}
 
 
@@ -107,11 +116,13 @@ def generation_polarity(model: nn.Module, tokenizer: PreTrainedTokenizerBase, k:
         torch.manual_seed(seed)
         for length, keys in tqdm(sorted(_by_length(prompts).items()), disable=not progress,
                                  desc="sampling", leave=False):
+            budget = min(max_new_tokens, _context_size(model) - length)
+            if budget < 1:  # no room left in the context to continue this prompt
+                continue
             ids = torch.tensor([prompts[key] for key in keys], device=device)
-            room = getattr(getattr(model, "config", None), "n_positions", length + max_new_tokens)
             out = model.generate(
                 input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True, top_p=top_p,
-                top_k=0, max_new_tokens=min(max_new_tokens, room - length),
+                top_k=0, max_new_tokens=budget,
                 num_return_sequences=k,
                 pad_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
             )

@@ -1,0 +1,15 @@
+import matplotlib
+import pytest
+import torch
+
+matplotlib.use("Agg")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_thread():
+    """The suite trains tiny models: one intra-op thread avoids OpenMP barrier stalls, which made
+    steps 20x slower with 2 threads on a busy 2-core machine (CI has 2 cores)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
