@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -86,13 +87,17 @@ def train_main(argv: list[str] | None = None) -> int:
     else:
         from trustml.training.run import make_run_dir
 
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise ConfigError(f"run.experiment={config.run.experiment!r} is a single-process "
+                              "driver; launch it without torchrun (run.experiment=train scales)")
         run_dir = Path(args.run_dir) if args.run_dir else make_run_dir(config)
         run_dir.mkdir(parents=True, exist_ok=True)
         cfgmod.save(config, run_dir / "config.yaml")
         summary = _resolve(EXPERIMENTS[config.run.experiment])(config, run_dir)
-    shown = {k: v for k, v in summary.items() if not isinstance(v, (list, dict))}
-    print(json.dumps(shown, indent=2, default=str))
-    print(f"run directory: {run_dir}")
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 speaks for all
+        shown = {k: v for k, v in summary.items() if not isinstance(v, (list, dict))}
+        print(json.dumps(shown, indent=2, default=str))
+        print(f"run directory: {run_dir}")
     return 0
 
 

@@ -108,7 +108,8 @@ def test_poisson_shards_partition_the_global_sample():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("extra", [[], ["privacy.enabled=true", "privacy.noise_multiplier=1.0"]])
+@pytest.mark.parametrize("extra", [[], ["privacy.enabled=true", "privacy.noise_multiplier=1.0"],
+                                   ["fairness.penalty=mmd", "fairness.weight=1.0"]])
 def test_torchrun_train_writes_once(tmp_path, extra):
     """The real entry point under torchrun: 2 CPU processes, rank 0 writes the run directory."""
     run_dir = tmp_path / "run"
@@ -122,3 +123,35 @@ def test_torchrun_train_writes_once(tmp_path, extra):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["test_accuracy"] > 0.7
     assert len((run_dir / "metrics.jsonl").read_text().splitlines()) >= 1
+    assert done.stdout.count("run directory:") == 1  # rank 0 alone reports
+
+
+@pytest.mark.slow
+def test_torchrun_distillation(tmp_path):
+    """Distillation (two student passes for CDA, frozen teacher) under DDP with 2 CPU processes."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(n_layer=12, n_embd=8, n_head=2, n_positions=32)).save_pretrained(
+        tmp_path / "teacher")
+    text = tmp_path / "text.txt"
+    text.write_text("\n".join(f"The doctor said that he saw patient {i}." for i in range(40)))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(ROOT / "train.py"), "--config", str(ROOT / "configs/gpt2_cf_distill.yaml"),
+           "--quiet", "--run-dir", str(tmp_path / "run"), "--set",
+           f"distill.teacher={tmp_path / 'teacher'}", "data.path=", f"data.text_path={text}",
+           "run.device=cpu", "train.amp=none", "train.max_steps=2", "train.batch_size=4",
+           "data.seq_len=16"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["steps"] == 2
+
+
+def test_experiment_drivers_refuse_torchrun(monkeypatch, capsys):
+    from trustml import cli
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert cli.train_main(["--config", str(ROOT / "configs/audit_adult.yaml")]) == 2
+    assert "single-process driver" in capsys.readouterr().err

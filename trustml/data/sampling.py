@@ -58,3 +58,18 @@ class ShuffledBatches:
             if self.drop_last and len(index) < self.batch_size and start > 0:
                 return
             yield collate(self.dataset, index)
+
+
+class ShardedBatches:
+    """Any batch source under data parallelism: every rank draws the same global batch and keeps
+    rows ``rank::size``, so batches that are stratified globally (group-balanced ones) stay so."""
+
+    def __init__(self, source, world: World) -> None:
+        self.source, self.world = source, world
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def batches(self, epoch: int) -> Iterator[dict[str, torch.Tensor]]:
+        for batch in self.source.batches(epoch):
+            yield {k: v[self.world.rank::self.world.size] for k, v in batch.items()}

@@ -18,7 +18,7 @@ from torch import nn
 
 from trustml import config as cfgmod
 from trustml.config import Config, ConfigError
-from trustml.data.sampling import ShuffledBatches
+from trustml.data.sampling import ShardedBatches, ShuffledBatches
 from trustml.training import distributed
 from trustml.training.checkpoint import save_model
 from trustml.training.loop import fit, seed_everything
@@ -122,11 +122,10 @@ def _plain_batches(config: Config, parts: Parts, world: distributed.World):
     if config.fairness.penalty != "none" and config.fairness.balanced_batches:
         from trustml.fairness.sampling import GroupBalancedBatches
 
-        if world.distributed:
-            raise ConfigError("fairness.balanced_batches is single-process for now; set it to "
-                              "false to train a fairness penalty under torchrun")
-        return GroupBalancedBatches(parts.train, config.train.batch_size, seed=config.run.seed,
-                                    by_label=config.fairness.notion == "eo")
+        balanced = GroupBalancedBatches(parts.train, config.train.batch_size,
+                                        seed=config.run.seed,
+                                        by_label=config.fairness.notion == "eo")
+        return ShardedBatches(balanced, world) if world.distributed else balanced
     return ShuffledBatches(parts.train, config.train.batch_size, seed=config.run.seed,
                            world=world)
 
