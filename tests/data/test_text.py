@@ -76,7 +76,9 @@ def test_lm_datasets_from_local_file(tmp_path, gpt2):
     path.write_text("\n".join(lines) + "\n\n")
     cfg = DataConfig(dataset="text", text_path=str(path), seq_len=16, val_fraction=0.2)
     train, val = lm_datasets(cfg, gpt2)
-    tokens = lambda ds: (ds.attention_mask.sum().item())
+    def tokens(ds):
+        return ds.attention_mask.sum().item()
+
     per_line = len(gpt2(lines[0])["input_ids"]) + 1
     assert tokens(val) == 10 * per_line and tokens(train) == 40 * per_line
     decoded = gpt2.decode(val.input_ids[val.attention_mask.bool()])

@@ -65,7 +65,9 @@ def test_gpt2_token_map(gpt2):
     mapping = gender_token_map(gpt2)
     assert mapping.dtype == torch.long and len(mapping) == len(gpt2)
     _check_involution(mapping)
-    tid = lambda s: gpt2.encode(s)[0]
+    def tid(s):
+        return gpt2.encode(s)[0]
+
     for a, b in [(" he", " she"), ("He", "She"), (" He", " She"), ("he", "she"),
                  (" his", " her"), (" himself", " herself"), (" man", " woman"),
                  (" Mr", " Mrs"), (" king", " queen")]:

@@ -89,7 +89,7 @@ def test_epsilon_matches_opacus_and_resume_keeps_it(kind):
     model = nn.Linear(5, 2)
     dp = private(model, data, noise_multiplier=1.1, accountant=kind, batch_size=10)
     assert dp.sample_rate == 0.05 and len(dp.batches) == 20
-    for i, batch in zip(range(7), dp.batches.batches(0)):
+    for _, batch in zip(range(7), dp.batches.batches(0)):
         dp.step.step(model, squared, batch)
     ref = create_accountant(kind)
     for _ in range(7):

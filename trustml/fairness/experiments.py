@@ -121,7 +121,8 @@ def transfer(config: Config, run_dir: Path) -> dict[str, Any]:
     f, h = results["fair"], results["plain"]
     dp_key = "demographic_parity_difference"
     rows = [
-        "| encoder | income acc | income DP diff | hours>40 acc | hours>40 AUC | hours>40 DP diff | hours>40 EO diff |",
+        "| encoder | income acc | income DP diff | hours>40 acc | hours>40 AUC | hours>40 DP diff "
+        "| hours>40 EO diff |",
         "|---|---|---|---|---|---|---|",
     ]
     for name, r in (
@@ -244,7 +245,8 @@ def wasserstein(config: Config, run_dir: Path) -> dict[str, Any]:
         "|---|---|---|---|---|",
         (
             f"| ridge regression of {HOURS} | {r['ks_before']:.4f} | {r['ks_after']:.4f} | "
-            f"MAE {r['mae_before']:.3f}, RMSE {r['rmse_before']:.3f} | MAE {r['mae_after']:.3f}, RMSE {r['rmse_after']:.3f} |"
+            f"MAE {r['mae_before']:.3f}, RMSE {r['rmse_before']:.3f} | "
+            f"MAE {r['mae_after']:.3f}, RMSE {r['rmse_after']:.3f} |"
         ),
         (
             f"| MLP income scores | {c['ks_before']:.4f} | {c['ks_after']:.4f} | "

@@ -14,7 +14,8 @@ from typing import Any
 import numpy as np
 
 
-def _array(values: Any, name: str) -> np.ndarray:
+def as_vector(values: Any, name: str) -> np.ndarray:
+    """A 1-D NumPy array from an array, list or tensor; ``name`` labels the error."""
     if hasattr(values, "detach"):
         values = values.detach().cpu().numpy()
     arr = np.asarray(values)
@@ -24,7 +25,7 @@ def _array(values: Any, name: str) -> np.ndarray:
 
 
 def _binary(values: Any, name: str) -> np.ndarray:
-    arr = _array(values, name)
+    arr = as_vector(values, name)
     if arr.size and not np.isin(arr, (0, 1)).all():
         raise ValueError(f"{name}: expected binary labels in {{0, 1}}, got {np.unique(arr)[:5]}")
     return arr.astype(np.int64)
@@ -33,7 +34,7 @@ def _binary(values: Any, name: str) -> np.ndarray:
 def _inputs(y_true: Any, y_pred: Any, sensitive: Any) -> tuple[np.ndarray, ...]:
     y_true = _binary(y_true, "y_true")
     y_pred = _binary(y_pred, "y_pred")
-    sensitive = _array(sensitive, "sensitive")
+    sensitive = as_vector(sensitive, "sensitive")
     if not len(y_true) == len(y_pred) == len(sensitive):
         raise ValueError(
             f"y_true, y_pred and sensitive must have the same length, got "
@@ -113,7 +114,7 @@ def roc_auc(y_true: Any, scores: Any) -> float:
     NaN when only one class is present.
     """
     y_true = _binary(y_true, "y_true")
-    scores = _array(scores, "scores").astype(np.float64)
+    scores = as_vector(scores, "scores").astype(np.float64)
     n_pos, n_neg = int(y_true.sum()), int((1 - y_true).sum())
     if n_pos == 0 or n_neg == 0:
         return float("nan")
@@ -147,7 +148,7 @@ def classification_report(
     ``scores`` are P(y=1); predictions are ``scores >= threshold``. Undefined values (e.g. the TPR
     of a group without positives) are ``None`` so the dict serialises to strict JSON.
     """
-    scores = _array(scores, "scores").astype(np.float64)
+    scores = as_vector(scores, "scores").astype(np.float64)
     y_pred = (scores >= threshold).astype(np.int64)
     y_true, y_pred, sensitive = _inputs(y_true, y_pred, sensitive)
     tpr, fpr = true_positive_rate(y_true, y_pred), false_positive_rate(y_true, y_pred)

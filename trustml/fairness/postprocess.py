@@ -17,21 +17,14 @@ from typing import Any
 
 import numpy as np
 
-
-def _vector(values: Any, name: str) -> np.ndarray:
-    if hasattr(values, "detach"):
-        values = values.detach().cpu().numpy()
-    arr = np.asarray(values)
-    if arr.ndim != 1:
-        raise ValueError(f"{name}: expected a 1-D array, got shape {arr.shape}")
-    return arr
+from trustml.fairness.metrics import as_vector
 
 
 def ks_distance(values: Any, sensitive: Any) -> float:
     """Largest two-sample Kolmogorov-Smirnov statistic sup_t |F_a(t) - F_b(t)| over group pairs."""
     values, sensitive = (
-        _vector(values, "values").astype(np.float64),
-        _vector(sensitive, "sensitive"),
+        as_vector(values, "values").astype(np.float64),
+        as_vector(sensitive, "sensitive"),
     )
     if len(values) != len(sensitive):
         raise ValueError(
@@ -62,7 +55,7 @@ class WassersteinBarycenterFair:
         return rng.uniform(-self.jitter, self.jitter, n) if self.jitter else np.zeros(n)
 
     def fit(self, pred_calib: Any, s_calib: Any) -> WassersteinBarycenterFair:
-        pred, s = _vector(pred_calib, "pred_calib").astype(np.float64), _vector(s_calib, "s_calib")
+        pred, s = as_vector(pred_calib, "pred_calib").astype(np.float64), as_vector(s_calib, "s_calib")
         if len(pred) != len(s):
             raise ValueError(f"pred_calib and s_calib differ in length: {len(pred)} vs {len(s)}")
         rng = np.random.default_rng(self.seed)
@@ -76,7 +69,7 @@ class WassersteinBarycenterFair:
     def transform(self, pred: Any, s: Any) -> np.ndarray:
         if self.groups_ is None:
             raise ValueError("WassersteinBarycenterFair: call fit() before transform()")
-        pred, s = _vector(pred, "pred").astype(np.float64), _vector(s, "s")
+        pred, s = as_vector(pred, "pred").astype(np.float64), as_vector(s, "s")
         unseen = np.setdiff1d(np.unique(s), self.groups_)
         if unseen.size:
             raise ValueError(f"s: groups {unseen.tolist()} were not in the calibration data")

@@ -144,8 +144,12 @@ def plot(
 
 
 def _table(rows: list[tuple[str, dict[str, Any]]]) -> str:
-    head = "| model | accuracy | DP diff | DP ratio | EO diff | EOdds diff | AUC |\n|---|---|---|---|---|---|---|\n"
-    fmt = lambda v: "n/a" if v is None else f"{v:.4f}"
+    head = ("| model | accuracy | DP diff | DP ratio | EO diff | EOdds diff | AUC |\n"
+            "|---|---|---|---|---|---|---|\n")
+
+    def fmt(v):
+        return "n/a" if v is None else f"{v:.4f}"
+
     return head + "\n".join(
         f"| {name} | {fmt(r['accuracy'])} | {fmt(r['demographic_parity_difference'])} | "
         f"{fmt(r['demographic_parity_ratio'])} | {fmt(r['equal_opportunity_difference'])} | "

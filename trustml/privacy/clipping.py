@@ -191,7 +191,8 @@ class PerSampleClipper:
             return losses.detach().float()
         if not losses.requires_grad:
             raise ValueError(
-                "per_sample_losses does not require grad (computed under no_grad, or no trainable parameters?)"
+                "per_sample_losses does not require grad "
+                "(computed under no_grad, or no trainable parameters?)"
             )
         used = {id(p) for r in records for p in self._params_of[r.module]}
         unused = list(

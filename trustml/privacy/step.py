@@ -84,7 +84,8 @@ class DPStep:
             self.delta, extra=(self.noise_multiplier, self.sample_rate, 1)
         )
         if after > self.epsilon_budget:
-            return f"privacy budget spent: one more step would reach epsilon {after:.3f} > {self.epsilon_budget}"
+            return (f"privacy budget spent: one more step would reach epsilon {after:.3f} "
+                    f"> {self.epsilon_budget}")
         return None
 
     def step(
