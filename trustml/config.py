@@ -69,7 +69,8 @@ class TrainConfig(Section):
     momentum: float = Field(0.0, ge=0, description="SGD momentum")
     max_steps: int | None = Field(None, ge=1, description="stop after this many steps in total")
     log_every: int = Field(50, ge=1, description="steps between metrics.jsonl records")
-    amp: Literal["none", "bf16", "fp16"] = Field("none", description="autocast on CUDA")
+    amp: Literal["none", "bf16", "fp16"] = Field(
+        "none", description="mixed-precision autocast (pays on CUDA)")
 
 
 class PrivacyConfig(Section):

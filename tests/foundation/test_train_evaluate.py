@@ -80,3 +80,11 @@ def test_dp_resume_keeps_spent_epsilon(tmp_path):
     assert resumed.summary["epsilon"] == pytest.approx(full.summary["epsilon"], rel=1e-12)
     for a, b in zip(full.model.parameters(), resumed.model.parameters()):
         assert torch.equal(a, b)  # noise generator and Poisson draws continue exactly
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_mixed_precision_training_runs(tmp_path, amp):
+    result = run_training(cfgmod.load("configs/adult.yaml", ["train.epochs=1", f"train.amp={amp}",
+                                                             *FAST]),
+                          tmp_path / amp, progress=False)
+    assert result.summary["test_accuracy"] > 0.7

@@ -41,6 +41,13 @@ class Factored:
     y: Tensor
     vocab: int | None = None
 
+    def __post_init__(self) -> None:
+        # Under autocast the two factors can differ (bf16 activations, fp32 output grads): compute
+        # in the wider type so the products below are defined and no precision is thrown away.
+        if not self.indexed and self.x.dtype != self.y.dtype:
+            common = torch.promote_types(self.x.dtype, self.y.dtype)
+            self.x, self.y = self.x.to(common), self.y.to(common)
+
     @property
     def indexed(self) -> bool:
         return self.vocab is not None

@@ -22,10 +22,11 @@ class GradientStep(Protocol):
 
 
 def autocast(device: torch.device, amp: str):
-    """bf16/fp16 autocast on CUDA; a no-op elsewhere or when ``amp == 'none'``."""
-    if amp == "none" or device.type != "cuda":
+    """bf16/fp16 autocast on ``device`` (CUDA is where it pays; the CPU runs it too, which is how
+    CI tests the mixed-precision paths); a no-op when ``amp == 'none'``."""
+    if amp == "none":
         return nullcontext()
-    return torch.autocast("cuda", dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+    return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
 
 
 class PlainStep:
@@ -34,12 +35,14 @@ class PlainStep:
     def __init__(self, optimizer: torch.optim.Optimizer, penalties: Sequence[Penalty] = (),
                  amp: str = "none") -> None:
         self.optimizer, self.penalties, self.amp = optimizer, list(penalties), amp
-        self.scaler = torch.amp.GradScaler(enabled=amp == "fp16")
+        self.scaler: torch.amp.GradScaler | None = None  # made on the model's device at step 1
 
     def step(self, model: nn.Module, objective, batch: dict[str, torch.Tensor]
              ) -> dict[str, float]:
         self.optimizer.zero_grad(set_to_none=True)
         device = next(model.parameters()).device
+        if self.scaler is None:
+            self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp == "fp16")
         with autocast(device, self.amp):
             out = objective(model, batch)
             loss = out.losses.float().mean()
