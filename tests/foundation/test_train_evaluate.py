@@ -88,3 +88,13 @@ def test_mixed_precision_training_runs(tmp_path, amp):
                                                              *FAST]),
                           tmp_path / amp, progress=False)
     assert result.summary["test_accuracy"] > 0.7
+
+
+def test_resume_with_a_different_model_is_one_clear_error(tmp_path, capsys):
+    run_training(cfgmod.load("configs/adult.yaml", ["train.epochs=1", *FAST]), tmp_path / "r",
+                 progress=False)
+    code = cli.train_main(["--config", "configs/adult.yaml", "--resume", str(tmp_path / "r"),
+                           "--set", "model.hidden=[8]", "train.epochs=2"])
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "does not fit this run's model" in err[0]

@@ -104,7 +104,7 @@ class DistillObjective:
 def load_teacher(name_or_path: str) -> nn.Module:
     from transformers import GPT2LMHeadModel
 
-    return GPT2LMHeadModel.from_pretrained(name_or_path)
+    return GPT2LMHeadModel.from_pretrained(name_or_path, use_safetensors=True)  # never pickle
 
 
 def build_distillation(config: Config, tokenizer: PreTrainedTokenizerBase):

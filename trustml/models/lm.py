@@ -17,7 +17,8 @@ def build_lm(model_cfg: ModelConfig, vocab_size: int) -> GPT2LMHeadModel:
     GPT-2 dropouts unless ``model_cfg.config`` names them."""
     dropouts = {key: model_cfg.dropout for key in _DROPOUTS}
     if model_cfg.name is not None:
-        model = GPT2LMHeadModel.from_pretrained(model_cfg.name, **dropouts)
+        # safetensors only: a pickled .bin checkpoint could run code when loaded
+        model = GPT2LMHeadModel.from_pretrained(model_cfg.name, use_safetensors=True, **dropouts)
         if model.config.vocab_size < vocab_size:
             raise ConfigError(
                 f"model.name {model_cfg.name!r} has {model.config.vocab_size} token embeddings but "

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from trustml.training.checkpoint import load_state, save_state
+from trustml.training.checkpoint import CheckpointError, load_state, save_state
 from trustml.training.distributed import World
 
 
@@ -80,11 +80,16 @@ def fit(model: nn.Module, objective, step, batches, *, epochs: int, run_dir: str
     start_epoch, global_step, history = 0, 0, []
     if resume:
         saved = load_state(run_dir / "checkpoint")
-        core.load_state_dict(saved["model"])
-        for name, obj in state.items():
-            obj.load_state_dict(saved["extra"][name])
-        set_rng_state(saved["rng"])
-        start_epoch, global_step, history = saved["epoch"], saved["step"], saved["history"]
+        try:
+            core.load_state_dict(saved["model"])
+            for name, obj in state.items():
+                obj.load_state_dict(saved["extra"][name])
+            set_rng_state(saved["rng"])
+            start_epoch, global_step, history = saved["epoch"], saved["step"], saved["history"]
+        except (KeyError, RuntimeError, ValueError) as err:
+            first = str(err).strip().splitlines()[0]
+            raise CheckpointError(f"checkpoint in {str(run_dir)!r} does not fit this run's "
+                                  f"model/optimizer/privacy settings: {first}") from None
         log.write({"event": "resume", "epoch": start_epoch, "step": global_step})
 
     stopped = None
