@@ -63,3 +63,15 @@ def test_cli_missing_data_file(tmp_path, capsys):
 def test_unknown_experiment(tmp_path, capsys):
     assert cli.train_main(["--config", "configs/adult.yaml", "--set", "run.experiment=magic"]) == 2
     assert "run.experiment" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["model.name=/nonexistent/gpt2"], "model.name '/nonexistent/gpt2': could not load"),
+    (["data.tokenizer=/nonexistent/tok"], "data.tokenizer '/nonexistent/tok': could not load"),
+    (["data.dataset=text", "data.text_path=/nonexistent.txt"], "does not exist"),
+])
+def test_language_inputs_fail_with_one_line(overrides, message, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert cli.train_main(["--config", "configs/gpt2_dp.yaml", "--set", *overrides]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]

@@ -133,11 +133,14 @@ def train_reference_mlps(
     seed: int = 0,
     progress: bool = True,
     fused: bool = True,
+    model_ids: range | None = None,
 ) -> ReferenceMLPs:
     """Train ``len(in_mask)`` MLPs of ``config.model`` with ``config.train``'s optimiser, batch
     size and epochs, model r on the pool rows where ``in_mask[r]`` is True. ``fused`` picks the
     fused optimiser kernel (the batched path's default; ``fused=False, batched=False`` is exactly
-    what ``run_training`` does per step)."""
+    what ``run_training`` does per step). ``model_ids`` names the models the rows of ``in_mask``
+    are (default ``range(R)``): a model's init and batch order depend only on its id and ``seed``,
+    so a share of the models (one rank's, under torchrun) trains as it would in the whole stack."""
     if config.model.kind != "mlp":
         raise ConfigError(f"model.kind: batched reference models need 'mlp', got "
                           f"{config.model.kind!r} (language models train in turn)")
@@ -147,14 +150,16 @@ def train_reference_mlps(
     device = torch.device(device)
     x, y = x.to(device), y.to(device)
     n_classes = max(int(y.max()) + 1, 2)
-    models = [_build(config, x.shape[1], n_classes, seed + r).to(device)
-              for r in range(len(in_mask))]
+    model_ids = range(len(in_mask)) if model_ids is None else model_ids
+    if len(model_ids) != len(in_mask):
+        raise ValueError(f"model_ids has {len(model_ids)} ids for {len(in_mask)} in_mask rows")
+    models = [_build(config, x.shape[1], n_classes, seed + r).to(device) for r in model_ids]
     total = sum(1 for _ in _steps(config, in_mask[:1], range(1), seed))
     if batched:
         params, buffers = _stack(models)
         base = copy.deepcopy(models[0]).to("meta")
         optimizer = _optimizer(config, params.values(), fused)
-        steps = _steps(config, in_mask, range(len(in_mask)), seed)
+        steps = _steps(config, in_mask, model_ids, seed)
         for _, index in tqdm(steps, total=total, disable=not progress, leave=False,
                              desc=f"{len(models)} reference MLPs (batched)"):
             flat = index.to(device).flatten()
@@ -167,11 +172,11 @@ def train_reference_mlps(
             optimizer.step()
         return ReferenceMLPs(base, {k: v.detach() for k, v in params.items()}, buffers, in_mask)
     objective = ClassificationObjective()
-    for r, model in enumerate(tqdm(models, disable=not progress, leave=False,
-                                   desc="reference MLPs (one by one)")):
+    for r, (i, model) in enumerate(zip(model_ids, tqdm(models, disable=not progress, leave=False,
+                                                      desc="reference MLPs (one by one)"))):
         step = PlainStep(_optimizer(config, model.parameters(), fused))
         model.train()
-        for _, index in _steps(config, in_mask[r:r + 1], range(r, r + 1), seed):
+        for _, index in _steps(config, in_mask[r:r + 1], range(i, i + 1), seed):
             index = index[0].to(device)
             step.step(model, objective, {"x": x[index], "y": y[index]})
     params, buffers = stack_module_state(models)

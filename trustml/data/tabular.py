@@ -134,7 +134,11 @@ def _adult_from_hub(name: str) -> tuple[list[list[str]], list[list[str]] | None]
     """Rows in UCI column order from a Hugging Face copy of Adult (needs the network)."""
     import datasets
 
-    loaded = datasets.load_dataset(name)
+    try:
+        loaded = datasets.load_dataset(name)
+    except (OSError, ValueError, ConnectionError) as err:  # offline, unknown name
+        raise ConfigError(f"data.path: could not load {name!r} from the Hugging Face hub "
+                          f"({type(err).__name__}: {str(err).splitlines()[0][:200]})") from None
 
     def rows(split) -> list[list[str]]:
         names = {c.replace(".", "-").replace("_", "-").lower(): c for c in split.column_names}

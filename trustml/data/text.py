@@ -41,7 +41,11 @@ def load_tokenizer(name_or_path: str = "gpt2") -> PreTrainedTokenizerBase:
         else:  # transformers 4.x names the files differently
             tok = GPT2TokenizerFast(vocab_file=vocab, merges_file=merges)
     else:
-        tok = AutoTokenizer.from_pretrained(name_or_path)
+        try:
+            tok = AutoTokenizer.from_pretrained(name_or_path)
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"data.tokenizer {name_or_path!r}: could not load it "
+                              f"({str(err).splitlines()[0][:200]})") from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "right"
@@ -138,7 +142,11 @@ def _hub_documents(spec: str) -> tuple[list[str], list[str]]:
     """(train, validation) texts of a Hugging Face dataset (needs the network)."""
     import datasets
 
-    ds = datasets.load_dataset(*parse_hub_spec(spec))
+    try:
+        ds = datasets.load_dataset(*parse_hub_spec(spec))
+    except (OSError, ValueError, ConnectionError) as err:  # offline, unknown name, bad config
+        raise ConfigError(f"data.path {spec!r}: could not load it from the Hugging Face hub "
+                          f"({type(err).__name__}: {str(err).splitlines()[0][:200]})") from None
     val_split = next((s for s in ("validation", "valid", "test") if s in ds), None)
     if "train" not in ds or val_split is None:
         raise ConfigError(f"data.path {spec!r}: expected a train and a validation split")

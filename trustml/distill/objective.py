@@ -102,9 +102,9 @@ class DistillObjective:
 
 
 def load_teacher(name_or_path: str) -> nn.Module:
-    from transformers import GPT2LMHeadModel
+    from trustml.models.lm import load_pretrained
 
-    return GPT2LMHeadModel.from_pretrained(name_or_path, use_safetensors=True)  # never pickle
+    return load_pretrained(name_or_path, "distill.teacher")
 
 
 def build_distillation(config: Config, tokenizer: PreTrainedTokenizerBase):
