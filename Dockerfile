@@ -1,6 +1,7 @@
 # CUDA image: the default command trains the Adult baseline; run the tests with
 #   docker run --gpus all trustml pytest
-FROM pytorch/pytorch:2.5.1-cuda12.4-cudnn9-runtime
+# torch >= 2.6 (Opacus 1.6 needs it); the image's CUDA build is kept, pip adds only the rest
+FROM pytorch/pytorch:2.8.0-cuda12.8-cudnn9-runtime
 
 WORKDIR /opt/trustml
 ENV PYTHONUNBUFFERED=1 MPLBACKEND=Agg
