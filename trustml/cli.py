@@ -105,16 +105,20 @@ def train_main(argv: list[str] | None = None) -> int:
 def evaluate_main(argv: list[str] | None = None) -> int:
     """Evaluate a run directory into <run>/eval/ (metrics.json, report.md, plots)."""
     parser = argparse.ArgumentParser(prog="trustml-evaluate", description=evaluate_main.__doc__)
-    parser.add_argument("--run", required=True, help="run directory written by train.py")
+    parser.add_argument("--run", "--run-dir", dest="run", required=True,
+                        help="run directory written by train.py (spell it --run-dir after "
+                        "torchrun, whose parser takes --run as an abbreviation of --run-path)")
     parser.add_argument("--attacks", help="comma-separated membership-inference attacks, e.g. "
                         "loss,lira,rmia (default: attack.attacks of the run's config)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     args = parser.parse_args(argv)
     from trustml.evaluation.report import evaluate_run
+    from trustml.training.distributed import current
 
     attacks = None if args.attacks is None else [a for a in args.attacks.split(",") if a]
     report = evaluate_run(args.run, attacks=attacks, device=args.device)
-    print(f"report: {report}")
+    if current().is_main:  # under torchrun, rank 0 speaks for all
+        print(f"report: {report}")
     return 0
 
 

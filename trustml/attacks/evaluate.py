@@ -1,7 +1,8 @@
 """Evaluator for ``evaluate.py --attacks``: member (train) vs non-member (held-out) scores of the
 run's model, their metrics, empirical epsilon lower bounds, ROC curves and histograms.
 
-Tabular runs: LOSS / LiRA / RMIA with batched reference MLPs. Language-model runs: LOSS, zlib,
+Tabular runs: LOSS / LiRA / RMIA with batched reference MLPs, shared across the ranks under
+torchrun (rank 0 alone scores and reports). Language-model runs (single process): LOSS, zlib,
 Min-K%, Min-K%++ and the reference-model difference over token blocks."""
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from trustml.attacks import audit, lm, metrics, plots
 from trustml.attacks.tabular import check_attacks, logits_of, reference_outputs, tabular_scores
 from trustml.config import ConfigError
 from trustml.evaluation.report import EvalContext, ReportSection
+from trustml.training.distributed import current
 
 
 def attack_metrics(scores: np.ndarray, is_member: np.ndarray, fprs: list[float], delta: float,
@@ -53,10 +55,11 @@ def _take(n: int | None, length: int) -> int:
     return length if n is None else min(n, length)
 
 
-def evaluate_attacks(ctx: EvalContext, attacks: list[str]) -> ReportSection:
-    """Membership inference against the run in ``ctx`` (tabular or language model)."""
+def evaluate_attacks(ctx: EvalContext, attacks: list[str]) -> ReportSection | None:
+    """Membership inference against the run in ``ctx`` (tabular or language model). Under
+    torchrun every rank trains its share of the reference models; None off rank 0."""
     if ctx.parts.data is None:
-        return evaluate_lm_attacks(ctx, attacks)
+        return evaluate_lm_attacks(ctx, attacks) if current().is_main else None
     cfg = ctx.config
     delta = cfg.privacy.delta
     data = ctx.parts.data
@@ -70,6 +73,8 @@ def evaluate_attacks(ctx: EvalContext, attacks: list[str]) -> ReportSection:
     refs = None
     if {"lira", "rmia"} & set(attacks):
         refs = reference_outputs(cfg, pool_x, pool_y, pop_x, ctx.device)
+    if not current().is_main:
+        return None
     all_scores = tabular_scores(attacks, cfg.attack, logits_of(ctx.model, pool_x, ctx.device),
                                 pool_y, logits_of(ctx.model, pop_x, ctx.device), pop_y, refs)
     return attack_section(all_scores, member, cfg.attack.fpr, delta, ctx.out_dir)

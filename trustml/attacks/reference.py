@@ -10,6 +10,14 @@ gradient its own. Each step gathers every model's mini-batch from the shared poo
 
 ``batched=False`` trains the same models one after another the suite's normal way (``PlainStep`` +
 ``ClassificationObjective``, one model at a time): the benchmark's baseline and the equivalence test.
+
+Under ``torchrun`` the models are dealt out round-robin (rank r trains models r, r + size, ...) and
+``ReferenceMLPs.logits`` gathers every rank's outputs back in model order. A model's init and batch
+order depend only on its index and the seed, and on CPU its updates do not depend on where it sits
+in the stack (unfused optimiser, see ``fused``), so the result is bit-identical to one process.
+Two exceptions: with ``model.dropout > 0`` vmap draws one dropout tensor for a rank's whole stack,
+and on GPU the fused optimiser and cuBLAS may round differently for another stack size; the models
+then agree in distribution (up to float rounding), not bit for bit.
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, stack_module_state
@@ -26,6 +35,7 @@ from tqdm.auto import tqdm
 
 from trustml.config import Config, ConfigError
 from trustml.models.mlp import MLP
+from trustml.training.distributed import World, current
 from trustml.training.objectives import ClassificationObjective
 from trustml.training.run import make_optimizer
 from trustml.training.step import PlainStep
@@ -45,21 +55,36 @@ def half_masks(n_models: int, n_examples: int, seed: int) -> np.ndarray:
 
 @dataclass
 class ReferenceMLPs:
-    """R trained MLPs as stacked parameters, and which pool examples each was trained on."""
+    """R trained MLPs as stacked parameters (this rank's share of them), and which pool examples
+    each of the R was trained on."""
 
     base: nn.Module  # architecture template (its own weights are not used)
-    params: dict[str, torch.Tensor]  # each (R, ...)
+    params: dict[str, torch.Tensor]  # each (R_rank, ...): models rank, rank + size, ...
     buffers: dict[str, torch.Tensor]
-    in_mask: np.ndarray  # (R, N) over the pool
+    in_mask: np.ndarray  # (R, N) over the pool, all R models
+    world: World = World()
 
     @torch.no_grad()
     def logits(self, x: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
-        """(R, N, C) logits of every reference model on ``x``, in eval mode."""
+        """(R, N, C) logits of every reference model on ``x``, in eval mode (a collective under
+        torchrun: every rank must call it with the same ``x``)."""
         self.base.eval()
         device = next(iter(self.params.values())).device
         out = [_stacked_forward(self.base, self.params, self.buffers, part.to(device), shared=True)
                for part in x.split(chunk)]
-        return torch.cat(out, dim=1).cpu()
+        return _gather_models(torch.cat(out, dim=1).cpu(), self.world)
+
+
+def _gather_models(local: torch.Tensor, world: World) -> torch.Tensor:
+    """Every rank's (R_rank, ...) share, back in model order on every rank."""
+    if not world.distributed:
+        return local
+    shares: list[torch.Tensor | None] = [None] * world.size
+    dist.all_gather_object(shares, local)
+    out = local.new_empty(sum(len(share) for share in shares), *local.shape[1:])
+    for rank, share in enumerate(shares):
+        out[rank::world.size] = share
+    return out
 
 
 def _stacked_forward(base, params, buffers, x, shared: bool) -> torch.Tensor:
@@ -132,15 +157,16 @@ def train_reference_mlps(
     batched: bool = True,
     seed: int = 0,
     progress: bool = True,
-    fused: bool = True,
-    model_ids: range | None = None,
+    fused: bool | None = None,
+    world: World | None = None,
 ) -> ReferenceMLPs:
     """Train ``len(in_mask)`` MLPs of ``config.model`` with ``config.train``'s optimiser, batch
     size and epochs, model r on the pool rows where ``in_mask[r]`` is True. ``fused`` picks the
-    fused optimiser kernel (the batched path's default; ``fused=False, batched=False`` is exactly
-    what ``run_training`` does per step). ``model_ids`` names the models the rows of ``in_mask``
-    are (default ``range(R)``): a model's init and batch order depend only on its id and ``seed``,
-    so a share of the models (one rank's, under torchrun) trains as it would in the whole stack."""
+    fused optimiser kernel (default: on CUDA only; the CPU kernel rounds its vectorised body and
+    scalar tail differently, so a model's update would depend on its place in the stack;
+    ``fused=False, batched=False`` is exactly what ``run_training`` does per step). ``world``
+    (default: this process's, one rank outside torchrun) shares the models out across ranks
+    (``device`` is then this rank's device)."""
     if config.model.kind != "mlp":
         raise ConfigError(f"model.kind: batched reference models need 'mlp', got "
                           f"{config.model.kind!r} (language models train in turn)")
@@ -148,18 +174,22 @@ def train_reference_mlps(
     if in_mask.ndim != 2 or in_mask.shape[1] != len(x) or len(set(in_mask.sum(1))) != 1:
         raise ValueError("in_mask must be (R, N) over the pool with equally many IN rows per model")
     device = torch.device(device)
+    fused = device.type == "cuda" if fused is None else fused
     x, y = x.to(device), y.to(device)
     n_classes = max(int(y.max()) + 1, 2)
-    model_ids = range(len(in_mask)) if model_ids is None else model_ids
-    if len(model_ids) != len(in_mask):
-        raise ValueError(f"model_ids has {len(model_ids)} ids for {len(in_mask)} in_mask rows")
-    models = [_build(config, x.shape[1], n_classes, seed + r).to(device) for r in model_ids]
+    world = current() if world is None else world
+    if len(in_mask) < world.size:
+        raise ConfigError(f"attack.n_reference: {len(in_mask)} reference models cannot be shared "
+                          f"by {world.size} ranks; use at least one per rank")
+    share, mine = range(world.rank, len(in_mask), world.size), in_mask[world.rank::world.size]
+    models = [_build(config, x.shape[1], n_classes, seed + r).to(device) for r in share]
     total = sum(1 for _ in _steps(config, in_mask[:1], range(1), seed))
+    progress = progress and world.is_main
     if batched:
         params, buffers = _stack(models)
         base = copy.deepcopy(models[0]).to("meta")
         optimizer = _optimizer(config, params.values(), fused)
-        steps = _steps(config, in_mask, model_ids, seed)
+        steps = _steps(config, mine, share, seed)
         for _, index in tqdm(steps, total=total, disable=not progress, leave=False,
                              desc=f"{len(models)} reference MLPs (batched)"):
             flat = index.to(device).flatten()
@@ -170,15 +200,16 @@ def train_reference_mlps(
             optimizer.zero_grad(set_to_none=True)
             losses.view(index.shape).mean(1).sum().backward()
             optimizer.step()
-        return ReferenceMLPs(base, {k: v.detach() for k, v in params.items()}, buffers, in_mask)
+        return ReferenceMLPs(base, {k: v.detach() for k, v in params.items()}, buffers, in_mask,
+                             world)
     objective = ClassificationObjective()
-    for r, (i, model) in enumerate(zip(model_ids, tqdm(models, disable=not progress, leave=False,
-                                                      desc="reference MLPs (one by one)"))):
+    for r, row, model in zip(share, mine, tqdm(models, disable=not progress, leave=False,
+                                               desc="reference MLPs (one by one)")):
         step = PlainStep(_optimizer(config, model.parameters(), fused))
         model.train()
-        for _, index in _steps(config, in_mask[r:r + 1], range(i, i + 1), seed):
+        for _, index in _steps(config, row[None], range(r, r + 1), seed):
             index = index[0].to(device)
             step.step(model, objective, {"x": x[index], "y": y[index]})
     params, buffers = stack_module_state(models)
     base = copy.deepcopy(models[0]).to("meta")
-    return ReferenceMLPs(base, {k: v.detach() for k, v in params.items()}, buffers, in_mask)
+    return ReferenceMLPs(base, {k: v.detach() for k, v in params.items()}, buffers, in_mask, world)

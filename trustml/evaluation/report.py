@@ -18,6 +18,7 @@ from torch import nn
 
 from trustml import config as cfgmod
 from trustml.config import Config, ConfigError
+from trustml.training import distributed
 from trustml.training.checkpoint import load_model
 
 
@@ -62,6 +63,10 @@ def load_run(run_dir: str | Path, device: str = "auto") -> EvalContext:
 
 
 def write_report(ctx: EvalContext, sections: list[ReportSection]) -> Path:
+    """Write ``metrics.json`` and ``report.md`` (rank 0 alone under torchrun)."""
+    path = ctx.out_dir / "report.md"
+    if not distributed.current().is_main:
+        return path
     metrics = {"run": ctx.config.run.name, **{s.title: s.metrics for s in sections}}
     (ctx.out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     lines = [f"# Evaluation of `{ctx.run_dir.name}`", ""]
@@ -74,21 +79,24 @@ def write_report(ctx: EvalContext, sections: list[ReportSection]) -> Path:
         lines += [f"## {section.title}", "", section.markdown.strip(), ""]
         lines += [f"![{p.stem}]({p.relative_to(ctx.out_dir)})" for p in section.plots]
         lines.append("")
-    path = ctx.out_dir / "report.md"
     path.write_text("\n".join(lines))
     return path
 
 
 def evaluate_run(run_dir: str | Path, attacks: list[str] | None = None,
                  device: str = "auto") -> Path:
-    """Evaluate ``run_dir``; ``attacks`` overrides ``attack.attacks`` of the run's config."""
+    """Evaluate ``run_dir``; ``attacks`` overrides ``attack.attacks`` of the run's config. Under
+    torchrun the ranks share the attacks' reference models; rank 0 alone evaluates and writes."""
     ctx = load_run(run_dir, device)
+    world = distributed.setup(ctx.device)
+    ctx.device = distributed.rank_device(ctx.device, world)
+    ctx.model.to(ctx.device)
     sections: list[ReportSection] = []
-    if ctx.parts.data is not None:
+    if world.is_main and ctx.parts.data is not None:
         from trustml.evaluation.tabular import evaluate_tabular
 
         sections.append(evaluate_tabular(ctx))
-    else:
+    elif world.is_main:
         from trustml.evaluation.bias import evaluate_lm
 
         sections.append(evaluate_lm(ctx))
@@ -96,5 +104,7 @@ def evaluate_run(run_dir: str | Path, attacks: list[str] | None = None,
     if attacks:
         from trustml.attacks.evaluate import evaluate_attacks
 
-        sections.append(evaluate_attacks(ctx, attacks))
+        section = evaluate_attacks(ctx, attacks)
+        if section is not None:
+            sections.append(section)
     return write_report(ctx, sections)
