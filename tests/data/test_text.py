@@ -14,10 +14,6 @@ from trustml.data.text import (
 from trustml.distill.corpus import word_tokenizer
 
 
-@pytest.fixture(scope="module")
-def gpt2():
-    return load_tokenizer("gpt2")
-
 
 def test_gpt2_tokenizer_is_the_real_bpe(gpt2):
     # reference ids from the published GPT-2 vocabulary

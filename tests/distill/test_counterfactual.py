@@ -4,7 +4,6 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from trustml.data.text import load_tokenizer
 from trustml.distill.corpus import generate_corpus, word_tokenizer
 from trustml.distill.counterfactual import (
     gender_pairs,
@@ -13,10 +12,6 @@ from trustml.distill.counterfactual import (
     swap_gender,
 )
 
-
-@pytest.fixture(scope="module")
-def gpt2():
-    return load_tokenizer("gpt2")
 
 
 def test_pair_list_is_curated():
