@@ -24,6 +24,7 @@ from trustml.attacks import plots
 from trustml.attacks.evaluate import attack_metrics
 from trustml.attacks.tabular import logits_of, reference_outputs, tabular_scores
 from trustml.config import Config, ConfigError, from_dict
+from trustml.evaluation.report import markdown_table
 
 
 def variant(config: Config, **sections: dict[str, Any]) -> Config:
@@ -40,14 +41,6 @@ def private_variant(config: Config, eps: float) -> Config:
         return variant(config, run={"experiment": "train"}, privacy={"enabled": False})
     return variant(config, run={"experiment": "train"},
                    privacy={"enabled": True, "target_epsilon": eps, "noise_multiplier": None})
-
-
-def _markdown_table(rows: list[dict[str, Any]], cols: list[str]) -> str:
-    lines = ["| " + " | ".join(cols) + " |", "|---" * len(cols) + "|"]
-    for row in rows:
-        lines.append("| " + " | ".join(
-            f"{row[c]:.4g}" if isinstance(row[c], float) else str(row[c]) for c in cols) + " |")
-    return "\n".join(lines)
 
 
 def audit(config: Config, run_dir: str | Path) -> dict[str, Any]:
@@ -101,7 +94,7 @@ def audit(config: Config, run_dir: str | Path) -> dict[str, Any]:
     cols = ["target_epsilon", "accountant_epsilon", "test_accuracy",
             *[f"{a}_{k}" for a in names for k in ("auc", "tpr@0.001fpr", "eps_lb_clopper_pearson",
                                                   "eps_lb_gdp")]]
-    table = _markdown_table(rows, cols)
+    table = markdown_table(rows, cols, digits=".4g")
     (run_dir / "audit.md").write_text(
         f"# Privacy audit: {n} members vs {n} non-members, {config.attack.n_reference} reference "
         f"models, delta = {config.privacy.delta:g}\n\n{table}\n\n![theory vs practice]"
@@ -254,9 +247,9 @@ def _canary_report(config: Config, fmt, results: dict[str, dict[str, Any]], coun
          f"`rank` against {a.canary_candidates} non-inserted secrets (saturates at "
          f"{ceiling:.2f}), `skewnorm` extrapolated from a skew-normal fit to their "
          "log-perplexities."), "",
-        _markdown_table(exposure_rows, list(exposure_rows[0])), "",
+        markdown_table(exposure_rows, list(exposure_rows[0]), digits=".4g"), "",
         f"![exposure]({figure.name})", "",
         f"Membership inference on {n_members} training blocks vs as many held-out blocks:", "",
-        _markdown_table(attack_rows, list(attack_rows[0])), "",
+        markdown_table(attack_rows, list(attack_rows[0]), digits=".4g"), "",
         "Checks: " + ", ".join(f"{k}={'yes' if v else 'NO'}" for k, v in checks.items()), "",
     ])

@@ -44,6 +44,20 @@ class ReportSection:
 Evaluator = Callable[[EvalContext], ReportSection]
 
 
+def markdown_table(rows: list[dict[str, Any]], columns: list[str], digits: str = ".4f") -> str:
+    """A Markdown table of ``rows`` (dicts) in ``columns`` order; floats as ``format(v, digits)``,
+    missing values as n/a. Every report of the suite builds its tables here."""
+
+    def cell(value: Any) -> str:
+        if value is None:
+            return "n/a"
+        return format(value, digits) if isinstance(value, float) else str(value)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(row.get(c)) for c in columns) + " |" for row in rows]
+    return "\n".join(lines)
+
+
 def load_run(run_dir: str | Path, device: str = "auto") -> EvalContext:
     """Rebuild the model and data of a run directory from its saved config and weights."""
     from trustml.training.run import build_parts, resolve_device

@@ -10,7 +10,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from trustml.evaluation.report import EvalContext, ReportSection  # noqa: E402
+from trustml.evaluation.report import EvalContext, ReportSection, markdown_table  # noqa: E402
 from trustml.fairness.metrics import classification_report  # noqa: E402
 
 
@@ -61,15 +61,6 @@ def _rates_plot(report: dict, path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-def markdown_table(rows: list[dict], columns: list[str]) -> str:
-    def fmt(v) -> str:
-        return f"{v:.4f}" if isinstance(v, float) else ("n/a" if v is None else str(v))
-
-    head = "| " + " | ".join(columns) + " |\n|" + "---|" * len(columns) + "\n"
-    return head + "\n".join("| " + " | ".join(fmt(r.get(c)) for c in columns) + " |"
-                            for r in rows)
 
 
 def evaluate_tabular(ctx: EvalContext) -> ReportSection:

@@ -22,6 +22,7 @@ import matplotlib.pyplot as plt
 
 from trustml import config as cfgmod
 from trustml.config import Config, ConfigError
+from trustml.evaluation.report import markdown_table
 from trustml.fairness.metrics import classification_report
 
 KEYS = (
@@ -143,19 +144,15 @@ def plot(
     plt.close(fig)
 
 
+TABLE_COLUMNS = {"accuracy": "accuracy", "demographic_parity_difference": "DP diff",
+                 "demographic_parity_ratio": "DP ratio", "equal_opportunity_difference": "EO diff",
+                 "equalized_odds_difference": "EOdds diff", "auc": "AUC"}
+
+
 def _table(rows: list[tuple[str, dict[str, Any]]]) -> str:
-    head = ("| model | accuracy | DP diff | DP ratio | EO diff | EOdds diff | AUC |\n"
-            "|---|---|---|---|---|---|---|\n")
-
-    def fmt(v):
-        return "n/a" if v is None else f"{v:.4f}"
-
-    return head + "\n".join(
-        f"| {name} | {fmt(r['accuracy'])} | {fmt(r['demographic_parity_difference'])} | "
-        f"{fmt(r['demographic_parity_ratio'])} | {fmt(r['equal_opportunity_difference'])} | "
-        f"{fmt(r['equalized_odds_difference'])} | {fmt(r['auc'])} |"
-        for name, r in rows
-    )
+    named = [{"model": name, **{label: r[key] for key, label in TABLE_COLUMNS.items()}}
+             for name, r in rows]
+    return markdown_table(named, ["model", *TABLE_COLUMNS.values()])
 
 
 def run_sweep(
