@@ -102,12 +102,6 @@ def mean_loss(model: nn.Module, objective, dataset, batch_size: int,
     return total / max(count, 1)
 
 
-def _tabular_scores(model: nn.Module, x: torch.Tensor, device: torch.device) -> np.ndarray:
-    from trustml.evaluation.tabular import predict_scores
-
-    return predict_scores(model, x, device)
-
-
 def make_run_dir(config: Config) -> Path:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     run_dir = Path(config.run.output_dir) / f"{config.run.name}-{stamp}"
@@ -181,11 +175,13 @@ def run_training(config: Config, run_dir: str | Path | None = None, resume: bool
             trained = DistributedDataParallel(
                 model, device_ids=[device.index] if device.type == "cuda" else None)
 
+    from trustml.evaluation.tabular import predict_scores  # lazy: pulls in matplotlib
+
     def evaluate() -> dict[str, float]:
         metrics = {"val_loss": mean_loss(model, parts.objective, parts.val,
                                          config.train.batch_size, device)}
         if parts.data is not None:
-            scores = _tabular_scores(model, parts.data.val.x, device)
+            scores = predict_scores(model, parts.data.val.x, device)
             metrics["val_accuracy"] = float(((scores >= 0.5) == parts.data.val.y.numpy()).mean())
         else:
             metrics["val_perplexity"] = float(np.exp(min(metrics["val_loss"], 50.0)))
@@ -204,7 +200,7 @@ def run_training(config: Config, run_dir: str | Path | None = None, resume: bool
     final = summary["history"][-1] if summary["history"] else {}
     summary.update({k: v for k, v in final.items() if k.startswith(("val_", "epsilon"))})
     if parts.data is not None:
-        scores = _tabular_scores(model, parts.data.test.x, device)
+        scores = predict_scores(model, parts.data.test.x, device)
         summary["test_accuracy"] = float(((scores >= 0.5) == parts.data.test.y.numpy()).mean())
     if privacy is not None:
         summary.update({"epsilon": privacy.accountant.epsilon(config.privacy.delta),
