@@ -7,13 +7,13 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
-import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 from trustml import config as cfgmod
 from trustml.config import ConfigError
+from trustml.training import distributed
 from trustml.training.checkpoint import CheckpointError
 
 # run.experiment -> "module:function" taking (config, run_dir) and returning a summary dict.
@@ -87,14 +87,14 @@ def train_main(argv: list[str] | None = None) -> int:
     else:
         from trustml.training.run import make_run_dir
 
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        if distributed.launched_world_size() > 1:
             raise ConfigError(f"run.experiment={config.run.experiment!r} is a single-process "
                               "driver; launch it without torchrun (run.experiment=train scales)")
         run_dir = Path(args.run_dir) if args.run_dir else make_run_dir(config)
         run_dir.mkdir(parents=True, exist_ok=True)
         cfgmod.save(config, run_dir / "config.yaml")
         summary = _resolve(EXPERIMENTS[config.run.experiment])(config, run_dir)
-    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 speaks for all
+    if distributed.current().is_main:  # under torchrun, rank 0 speaks for all
         shown = {k: v for k, v in summary.items() if not isinstance(v, (list, dict))}
         print(json.dumps(shown, indent=2, default=str))
         print(f"run directory: {run_dir}")
@@ -113,11 +113,10 @@ def evaluate_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     args = parser.parse_args(argv)
     from trustml.evaluation.report import evaluate_run
-    from trustml.training.distributed import current
 
     attacks = None if args.attacks is None else [a for a in args.attacks.split(",") if a]
     report = evaluate_run(args.run, attacks=attacks, device=args.device)
-    if current().is_main:  # under torchrun, rank 0 speaks for all
+    if distributed.current().is_main:  # under torchrun, rank 0 speaks for all
         print(f"report: {report}")
     return 0
 

@@ -106,14 +106,15 @@ def evaluate_run(run_dir: str | Path, attacks: list[str] | None = None,
     ctx.device = distributed.rank_device(ctx.device, world)
     ctx.model.to(ctx.device)
     sections: list[ReportSection] = []
-    if world.is_main and ctx.parts.data is not None:
-        from trustml.evaluation.tabular import evaluate_tabular
+    if world.is_main:  # the other ranks only help train the attacks' reference models
+        if ctx.parts.data is not None:
+            from trustml.evaluation.tabular import evaluate_tabular
 
-        sections.append(evaluate_tabular(ctx))
-    elif world.is_main:
-        from trustml.evaluation.bias import evaluate_lm
+            sections.append(evaluate_tabular(ctx))
+        else:
+            from trustml.evaluation.bias import evaluate_lm
 
-        sections.append(evaluate_lm(ctx))
+            sections.append(evaluate_lm(ctx))
     attacks = ctx.config.attack.attacks if attacks is None else attacks
     if attacks:
         from trustml.attacks.evaluate import evaluate_attacks

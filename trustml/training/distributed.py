@@ -38,10 +38,15 @@ def current() -> World:
     return World(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
 
 
+def launched_world_size() -> int:
+    """How many processes ``torchrun`` started (1 without it), readable before any set-up."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def setup(device: torch.device) -> World:
     """Join the process group that ``torchrun`` describes in the environment (NCCL on CUDA, gloo
     on CPU) and pin this rank's GPU. Returns the single-rank world outside ``torchrun``."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    if launched_world_size() <= 1:
         return World()
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
