@@ -61,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=200)
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--blur", type=float, default=0.05)
+    parser.add_argument("--frequencies", type=int, default=64, help="for the Fourier MMD row")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     args = parser.parse_args(argv)
     if args.threads:
@@ -76,6 +77,9 @@ def main(argv: list[str] | None = None) -> int:
         "none": FairnessConfig(penalty="none"),
         "mmd (median bandwidth)": FairnessConfig(penalty="mmd", weight=10.0),
         "mmd (3 bandwidths)": FairnessConfig(penalty="mmd", weight=10.0, bandwidth=[0.5, 2.0, 8.0]),
+        f"mmd ({args.frequencies} Fourier frequencies)": FairnessConfig(
+            penalty="mmd", weight=10.0, frequencies=args.frequencies
+        ),
         f"sinkhorn (blur {args.blur:g})": FairnessConfig(
             penalty="sinkhorn", weight=3.0, blur=args.blur
         ),

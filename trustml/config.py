@@ -101,6 +101,9 @@ class FairnessConfig(Section):
         "representation", description="compare groups' representations z or scores P(y=1)")
     bandwidth: float | list[float] | Literal["median"] = Field(
         "median", description="MMD Gaussian sigma, a list (kernels summed) or median heuristic")
+    frequencies: int | None = Field(
+        None, ge=1, description="MMD: random Fourier frequencies for an O(B d F) unbiased estimate "
+        "(null: the exact O(B^2 d) kernel matrix)")
     blur: float = Field(0.05, gt=0, description="Sinkhorn blur (entropic eps = blur^2)")
     scaling: float = Field(0.5, gt=0, lt=1,
                            description="Sinkhorn eps-scaling ratio (nearer 1: more iterations)")

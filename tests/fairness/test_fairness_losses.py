@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from trustml.fairness.losses import median_bandwidth, mmd, sinkhorn
+from trustml.fairness.losses import median_bandwidth, mmd, mmd_between, sinkhorn
 
 
 def _numpy_mmd(x: np.ndarray, y: np.ndarray, sigma: float) -> float:
@@ -48,6 +48,28 @@ def test_mmd_bandwidth_list_is_a_sum_and_median_is_the_median_distance():
     assert mmd(x, y).item() == pytest.approx(_numpy_mmd(x.numpy(), y.numpy(), sigma), rel=1e-10)
 
 
+def test_mmd_between_reads_every_mask_pair_off_one_kernel_matrix():
+    x, y = _samples(7, 30, 1, 3, shift=0.0)
+    z = x + torch.arange(30, dtype=torch.float64)[:, None] % 3
+    first = torch.stack([torch.arange(30) % 3 == g for g in range(3)])
+    second = torch.stack([torch.arange(30) % 3 != g for g in range(3)]) & (torch.arange(30) > 4)
+    expected = [mmd(z[a], z[b], [0.5, 2.0]).item() for a, b in zip(first, second)]
+    got = mmd_between(z, first, second, [0.5, 2.0]).tolist()
+    assert got == pytest.approx(expected, rel=1e-10)
+
+
+@pytest.mark.parametrize("bandwidth", [1.0, [0.5, 2.0]])
+def test_fourier_mmd_is_unbiased_for_the_exact_estimator(bandwidth):
+    """Averaged over frequency draws, the random-feature estimate converges to the exact one."""
+    x, y = _samples(8, 40, 30, 3, shift=0.6)
+    exact = mmd(x, y, bandwidth).item()
+    torch.manual_seed(0)
+    draws = torch.stack([mmd(x, y, bandwidth, frequencies=64) for _ in range(400)])
+    stderr = draws.std().item() / 20
+    assert abs(draws.mean().item() - exact) < 4 * stderr
+    assert stderr < 0.05 * exact  # and the test can tell a wrong mean apart
+
+
 def _entropic_ot(a: np.ndarray, b: np.ndarray, eps: float) -> float:
     """OT_eps = <P, C> + eps KL(P | a x b), C = |x-y|^2 / 2, plan from POT's log-domain Sinkhorn."""
     ot = pytest.importorskip("ot")
@@ -73,8 +95,13 @@ def test_sinkhorn_is_zero_for_the_same_sample():
     assert abs(sinkhorn(x, x.clone(), blur=0.3).item()) < 1e-8
 
 
+def _fourier_mmd(x, y):
+    torch.manual_seed(0)
+    return mmd(x, y, 1.0, frequencies=256)
+
+
 @pytest.mark.parametrize(
-    "distance", [lambda x, y: mmd(x, y, 1.0), lambda x, y: sinkhorn(x, y, blur=1.0)]
+    "distance", [lambda x, y: mmd(x, y, 1.0), _fourier_mmd, lambda x, y: sinkhorn(x, y, blur=1.0)]
 )
 def test_near_zero_for_identical_distributions_and_growing_with_shift(distance):
     values = [distance(*_samples(4, 64, 64, 4, shift=s)).item() for s in (0.0, 0.5, 1.0, 2.0)]
@@ -87,6 +114,12 @@ def test_gradcheck():
     x.requires_grad_(True)
     y.requires_grad_(True)
     assert torch.autograd.gradcheck(lambda a, b: mmd(a, b, bandwidth=[0.7, 1.5]), (x, y))
+
+    def fourier(a, b):  # the same frequencies on every evaluation
+        torch.manual_seed(0)
+        return mmd(a, b, bandwidth=[0.7, 1.5], frequencies=16)
+
+    assert torch.autograd.gradcheck(fourier, (x, y))
     # geomloss differentiates the converged dual potentials (envelope theorem), so the gradient is
     # exact only at convergence: run near-converged and allow the remaining iteration error
     assert torch.autograd.gradcheck(

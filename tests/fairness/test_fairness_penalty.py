@@ -1,10 +1,12 @@
 """The training penalty: which samples and features it compares, multi-group sums, errors."""
 
+from functools import partial
+
 import pytest
 import torch
 
 from trustml.config import FairnessConfig
-from trustml.fairness.losses import mmd, sinkhorn
+from trustml.fairness.losses import mmd, mmd_between, sinkhorn
 from trustml.fairness.penalty import FairnessPenalty, build_penalty
 
 
@@ -41,12 +43,20 @@ def test_eo_uses_positives_only_and_scores_use_p_class_1():
     assert pen(batch, out1).item() == pytest.approx(expected1.item(), rel=1e-6)
 
 
-def test_three_groups_sum_each_group_against_pooled_rest():
+@pytest.mark.parametrize("notion", ["dp", "eo"])
+def test_three_groups_sum_each_group_against_pooled_rest(notion):
     batch, out = _batch(groups=3, n=60)
-    pen = FairnessPenalty(lambda a, b: mmd(a, b, 1.0), weight=0.5)
+    pen = FairnessPenalty(partial(mmd_between, bandwidth=1.0), weight=0.5, notion=notion)
     z, s = out["z"], batch["s"]
+    if notion == "eo":
+        keep = batch["y"] == 1
+        z, s = z[keep], s[keep]
     expected = sum(mmd(z[s == g], z[s != g], 1.0) for g in range(3))
-    assert pen(batch, out).item() == pytest.approx(0.5 * expected.item())
+    assert pen(batch, out).item() == pytest.approx(0.5 * expected.item(), rel=1e-6)  # float32
+    # sinkhorn has no pooled form: the same masks, split into samples
+    pen = build_penalty(FairnessConfig(penalty="sinkhorn", notion=notion, blur=0.5))
+    expected = sum(sinkhorn(z[s == g], z[s != g], blur=0.5) for g in range(3))
+    assert pen(batch, out).item() == pytest.approx(expected.item(), rel=1e-6)
 
 
 def test_gradient_reaches_the_representation():

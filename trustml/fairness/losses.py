@@ -46,10 +46,7 @@ def median_bandwidth(z: Tensor, max_samples: int = 128) -> Tensor:
     a scale, not a precise median, and the full median costs more than the MMD itself.
     """
     with torch.no_grad():
-        z = z[:: -(-len(z) // max_samples)]
-        d2 = squared_distances(z, z).clamp_min(0.0)
-        i, j = torch.triu_indices(len(z), len(z), offset=1, device=z.device)
-        sigma = d2[i, j].median().sqrt()
+        sigma = torch.pdist(z[:: -(-len(z) // max_samples)]).median()
     return sigma.clamp_min(torch.finfo(z.dtype).eps)
 
 
@@ -68,28 +65,64 @@ def _bandwidths(bandwidth: Bandwidth, pooled: Tensor) -> list[Tensor | float]:
     return values
 
 
-@functools.lru_cache(maxsize=32)
-def _mmd_weights(n: int, m: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """W with sum(W * K) = unbiased MMD^2: 1/(n(n-1)) and 1/(m(m-1)) off the diagonal of the
-    within-group blocks, -1/(nm) on the cross blocks (one weighted sum instead of block slices)."""
-    w = torch.full((n + m, n + m), -1.0 / (n * m), dtype=dtype, device=device)
-    w[:n, :n] = 1.0 / (n * (n - 1))
-    w[n:, n:] = 1.0 / (m * (m - 1))
-    return w.fill_diagonal_(0.0)
+def _fourier_features(z: Tensor, sigmas: list[Tensor | float], frequencies: int) -> Tensor:
+    """Random Fourier features (Rahimi & Recht 2007): phi(a).phi(b) is an unbiased estimate of
+    the summed Gaussian kernels, and phi(a).phi(a) = len(sigmas) exactly. Fresh frequencies on
+    every call, so the estimate's noise averages out over training steps like minibatch noise."""
+    omega = torch.randn(z.shape[1], frequencies, dtype=z.dtype, device=z.device)
+    phase = z @ torch.cat([omega / sigma for sigma in sigmas], 1)
+    return torch.cat([phase.cos(), phase.sin()], 1) * frequencies**-0.5
 
 
-def mmd(x: Tensor, y: Tensor, bandwidth: Bandwidth = "median") -> Tensor:
+def mmd_between(
+    z: Tensor, first: Tensor, second: Tensor, bandwidth: Bandwidth = "median",
+    frequencies: int | None = None,
+) -> Tensor:
+    """Unbiased squared MMD between the rows of ``z`` picked by each pair of 0/1 masks.
+
+    ``first`` and ``second`` are (P, B) masks over the B rows of ``z``; returns the P estimates.
+    Every pair is read off one pooled kernel matrix (or one feature matrix), so a training batch
+    is never split into per-group copies; the median bandwidth is taken over all rows of ``z``.
+    ``frequencies=None`` is the exact O(B^2 d) estimator; an int uses that many random Fourier
+    frequencies, O(B d F), unbiased in expectation over the frequencies too: the cheaper choice
+    once B^2 outgrows the model's own step.
+    """
+    sigmas = _bandwidths(bandwidth, z)
+    masks = torch.cat([first, second]).to(z.dtype)  # (2P, B)
+    count = masks.sum(1)
+    means = masks / count[:, None]  # row r averages over mask r
+    pairs = len(first)
+    # v K v with v = mean(first) - mean(second) is the biased (V-) statistic; forming v first lets
+    # the large within- and cross-group sums cancel term by term instead of after summation (2e-3
+    # relative error in float32 otherwise). The unbiased estimator drops the i == j terms:
+    # U = V + (M_first - k_ii) / (n - 1) + (M_second - k_ii) / (m - 1), M the within-group mean.
+    rows = torch.cat([means[:pairs] - means[pairs:], means])  # (3P, B)
+    if frequencies is None:
+        d2 = squared_distances(z, z)
+        kernel = sum(torch.exp(d2 * (-0.5 / s**2)) for s in sigmas)
+        quad = ((rows @ kernel) * rows).sum(1)
+        self_sim = means @ kernel.diagonal()
+    else:
+        embedded = rows @ _fourier_features(z, sigmas, frequencies)
+        quad = (embedded * embedded).sum(1)
+        self_sim = float(len(sigmas))
+    correction = (quad[pairs:] - self_sim) / (count - 1)
+    return quad[:pairs] + correction[:pairs] + correction[pairs:]
+
+
+def mmd(
+    x: Tensor, y: Tensor, bandwidth: Bandwidth = "median", frequencies: int | None = None
+) -> Tensor:
     """Unbiased estimate of the squared MMD with Gaussian kernel exp(-|a-b|^2 / (2 sigma^2)).
 
     ``bandwidth`` is sigma, ``"median"`` (median pooled pairwise distance), or a list of sigmas whose
     kernels are summed (robust when the scale of the representation changes during training).
+    ``frequencies`` switches to random Fourier features (see ``mmd_between``).
     The unbiased estimator can be slightly negative; it needs >= 2 samples per group.
     """
     x, y = _check_samples(x, y, 2, "mmd")
-    pooled = torch.cat([x, y])
-    d2 = squared_distances(pooled, pooled)
-    kernel = sum(torch.exp(d2 * (-0.5 / sigma**2)) for sigma in _bandwidths(bandwidth, pooled))
-    return (kernel * _mmd_weights(len(x), len(y), pooled.dtype, pooled.device)).sum()
+    in_x = torch.arange(len(x) + len(y), device=x.device) < len(x)
+    return mmd_between(torch.cat([x, y]), in_x[None], ~in_x[None], bandwidth, frequencies)[0]
 
 
 @functools.lru_cache(maxsize=16)

@@ -12,12 +12,23 @@ from collections.abc import Callable
 from functools import partial
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from trustml.config import FairnessConfig
-from trustml.fairness.losses import mmd, sinkhorn
+from trustml.fairness.losses import mmd_between, sinkhorn
 
-Distance = Callable[[Tensor, Tensor], Tensor]
+MaskedDistance = Callable[[Tensor, Tensor, Tensor], Tensor]
+"""``(z, first, second) -> (P,)``: distance between ``z[first[p]]`` and ``z[second[p]]`` per row p."""
+
+
+def split_pairs(distance: Callable[[Tensor, Tensor], Tensor]) -> MaskedDistance:
+    """A two-sample distance, applied to each masked pair (for distances with no pooled form)."""
+
+    def masked(z: Tensor, first: Tensor, second: Tensor) -> Tensor:
+        return torch.stack([distance(z[a], z[b]) for a, b in zip(first, second)])
+
+    return masked
 
 
 def scores_from_logits(logits: Tensor) -> Tensor:
@@ -32,7 +43,7 @@ class FairnessPenalty:
 
     def __init__(
         self,
-        distance: Distance,
+        distance: MaskedDistance,
         weight: float,
         notion: str = "dp",
         acts_on: str = "representation",
@@ -61,24 +72,26 @@ class FairnessPenalty:
 
     def unweighted(self, batch: dict[str, Tensor], outputs: dict[str, Tensor]) -> Tensor:
         feats = self.features(outputs)
-        groups = batch["s"].to(feats.device)
-        if self.notion == "eo":
-            keep = batch["y"].to(groups.device) == 1
-            feats, groups = feats[keep], groups[keep]
-        present, counts = torch.unique(groups, return_counts=True)
+        members = F.one_hot(batch["s"].to(feats.device)).T.bool()  # (groups, B)
+        if self.notion == "eo":  # drop the negatives (they would also skew the median bandwidth)
+            keep = batch["y"].to(feats.device) == 1
+            feats, members = feats[keep], members[:, keep]
+        counts = members.sum(1).tolist()
+        present = [g for g, c in enumerate(counts) if c > 0]
         if len(present) < 2:  # nothing to compare in this batch: a zero that keeps the graph
             return feats.sum() * 0.0
-        for g, c in zip(present.tolist(), counts.tolist()):
-            if c < self.min_group_size:
+        for g in present:
+            if counts[g] < self.min_group_size:
                 scope = "positive (y == 1) samples" if self.notion == "eo" else "samples"
                 raise ValueError(
-                    f"fairness penalty {self.name}: sensitive group {g} has {c} {scope} in this batch, "
-                    f"needs >= {self.min_group_size}; use fairness.balanced_batches=true or a larger "
-                    f"train.batch_size"
+                    f"fairness penalty {self.name}: sensitive group {g} has {counts[g]} {scope} in "
+                    f"this batch, needs >= {self.min_group_size}; use fairness.balanced_batches=true "
+                    f"or a larger train.batch_size"
                 )
+        members = members[present]
         if len(present) == 2:
-            return self.distance(feats[groups == present[0]], feats[groups == present[1]])
-        return sum(self.distance(feats[groups == g], feats[groups != g]) for g in present)
+            return self.distance(feats, members[:1], members[1:]).sum()
+        return self.distance(feats, members, ~members).sum()
 
     def __call__(self, batch: dict[str, Tensor], outputs: dict[str, Tensor]) -> Tensor:
         return self.weight * self.unweighted(batch, outputs)
@@ -89,7 +102,8 @@ def build_penalty(cfg: FairnessConfig) -> FairnessPenalty | None:
     if cfg.penalty == "none":
         return None
     if cfg.penalty == "mmd":
-        distance, minimum = partial(mmd, bandwidth=cfg.bandwidth), 2
+        distance = partial(mmd_between, bandwidth=cfg.bandwidth, frequencies=cfg.frequencies)
+        minimum = 2
     else:
-        distance, minimum = partial(sinkhorn, blur=cfg.blur, scaling=cfg.scaling), 1
+        distance, minimum = split_pairs(partial(sinkhorn, blur=cfg.blur, scaling=cfg.scaling)), 1
     return FairnessPenalty(distance, cfg.weight, cfg.notion, cfg.acts_on, minimum, name=cfg.penalty)
