@@ -27,6 +27,12 @@ def collate(dataset: Dataset, index: torch.Tensor) -> dict[str, torch.Tensor]:
     return default_collate([dataset[i] for i in index.tolist()])
 
 
+def sequential_batches(dataset: Dataset, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
+    """The dataset in order, ``batch_size`` rows at a time (evaluation passes)."""
+    for start in range(0, len(dataset), batch_size):
+        yield collate(dataset, torch.arange(start, min(start + batch_size, len(dataset))))
+
+
 class ShuffledBatches:
     """Shuffled mini-batches of fixed size (the last one may be smaller unless ``drop_last``).
 

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from trustml.data.sampling import collate
+from trustml.data.sampling import sequential_batches
 from trustml.training.objectives import token_losses
 
 
@@ -20,8 +20,7 @@ def perplexity(model: nn.Module, dataset: Dataset, batch_size: int = 32,
     was_training = model.training
     model.eval()
     total, count = 0.0, 0.0
-    for start in range(0, len(dataset), batch_size):
-        batch = collate(dataset, torch.arange(start, min(start + batch_size, len(dataset))))
+    for batch in sequential_batches(dataset, batch_size):
         ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
         logits = model(input_ids=ids, attention_mask=mask).logits
         losses, keep = token_losses(logits, ids, mask)

@@ -18,7 +18,7 @@ from torch import nn
 
 from trustml import config as cfgmod
 from trustml.config import Config, ConfigError
-from trustml.data.sampling import ShardedBatches, ShuffledBatches
+from trustml.data.sampling import ShardedBatches, ShuffledBatches, sequential_batches
 from trustml.training import distributed
 from trustml.training.checkpoint import save_model
 from trustml.training.loop import fit, seed_everything
@@ -94,7 +94,7 @@ def mean_loss(model: nn.Module, objective, dataset, batch_size: int,
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
-    for batch in ShuffledBatches(dataset, batch_size).batches(0):
+    for batch in sequential_batches(dataset, batch_size):
         out = objective(model, {k: v.to(device) for k, v in batch.items()})
         total += out.losses.float().sum().item()
         count += len(out.losses)
