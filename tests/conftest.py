@@ -1,8 +1,15 @@
-import matplotlib
-import pytest
-import torch
+import os
 
-from trustml.data.text import load_tokenizer
+# The suite never reaches a model hub, wherever it runs (CI, the Docker image, a laptop): set before
+# transformers / huggingface_hub read them at import.
+for _var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
+    os.environ.setdefault(_var, "1")
+
+import matplotlib  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from trustml.data.text import load_tokenizer  # noqa: E402
 
 matplotlib.use("Agg")
 
