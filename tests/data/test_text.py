@@ -6,6 +6,7 @@ import torch
 from trustml.config import ConfigError, DataConfig
 from trustml.data.text import (
     TextDataset,
+    _tokenize,
     lm_datasets,
     load_tokenizer,
     parse_hub_spec,
@@ -51,6 +52,11 @@ def test_packed_blocks_are_the_eos_joined_stream(gpt2):
     last = ds[len(ds) - 1]["attention_mask"]
     assert last.sum().item() == len(stream) - 5 * (len(ds) - 1)
     assert all(ds[i]["attention_mask"].all() for i in range(len(ds) - 1))
+
+
+def test_chunked_tokenization_equals_one_call(gpt2):
+    texts = [f"Document {i} says {'a' * i}." for i in range(7)]
+    assert list(_tokenize(texts, gpt2, chunk=2)) == gpt2(texts)["input_ids"]
 
 
 def test_unpacked_items_start_with_eos_and_pad(gpt2):

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import os
 import random
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from itertools import chain
 from pathlib import Path
 
+import numpy as np
 import torch
 import transformers
 from torch.utils.data import Dataset
+from tqdm.auto import tqdm
 from transformers import AutoTokenizer, GPT2TokenizerFast, PreTrainedTokenizerBase
 
 from trustml.config import ConfigError, DataConfig
@@ -63,6 +66,14 @@ def read_text(path: str | Path) -> str:
     return text
 
 
+def _tokenize(texts: Sequence[str], tokenizer: PreTrainedTokenizerBase,
+              chunk: int = 10_000) -> Iterator[list[int]]:
+    """Token ids of each text, tokenized ``chunk`` texts at a time (progress bar on large corpora)."""
+    starts = range(0, len(texts), chunk)
+    for start in tqdm(starts, desc="tokenizing", unit="chunk", disable=len(starts) < 3):
+        yield from tokenizer(list(texts[start : start + chunk]))["input_ids"]
+
+
 class TextDataset(Dataset):
     """Fixed-length token blocks ``{"input_ids": (T,), "attention_mask": (T,)}``.
 
@@ -88,18 +99,19 @@ class TextDataset(Dataset):
         strings = [t for t in texts if isinstance(t, str)]
         if strings and len(strings) != len(texts):
             raise ValueError("TextDataset takes either texts or token-id lists, not a mix")
-        docs = tokenizer(strings)["input_ids"] if strings else [list(t) for t in texts]
-        if pack:
-            stream = [tok for doc in docs for tok in [*doc, eos]]
+        docs = _tokenize(strings, tokenizer) if strings else (list(t) for t in texts)
+        if pack:  # one flat int array, never a Python list of every token of a large corpus
+            stream = np.fromiter(chain.from_iterable((*doc, eos) for doc in docs), dtype=np.int64)
             blocks = [stream[i : i + seq_len] for i in range(0, len(stream), seq_len)]
         else:
             blocks = [[eos, *doc][:seq_len] for doc in docs]
         blocks = [b for b in blocks if len(b) >= 2]
         if not blocks:
             raise ValueError("the texts produced no block of at least 2 tokens")
-        self.input_ids = torch.tensor(
-            [b + [self.pad_id] * (seq_len - len(b)) for b in blocks], dtype=torch.long
-        )
+        ids = np.full((len(blocks), seq_len), self.pad_id, dtype=np.int64)
+        for row, block in zip(ids, blocks):
+            row[: len(block)] = block
+        self.input_ids = torch.from_numpy(ids)
         lengths = torch.tensor([len(b) for b in blocks])
         self.attention_mask = (torch.arange(seq_len) < lengths[:, None]).long()
 
