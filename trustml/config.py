@@ -110,6 +110,12 @@ class FairnessConfig(Section):
     balanced_batches: bool = Field(
         True, description="stratify batches by group (and label for eo) when a penalty is on")
 
+    @model_validator(mode="after")
+    def _frequencies_need_mmd(self) -> "FairnessConfig":
+        if self.frequencies is not None and self.penalty != "mmd":
+            raise ValueError(f"frequencies is an MMD setting; penalty is {self.penalty!r}")
+        return self
+
 
 class DistillConfig(Section):
     enabled: bool = False

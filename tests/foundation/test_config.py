@@ -29,6 +29,8 @@ def test_round_trip(tmp_path):
     (["run.device=tpu"], "config key 'run.device'"),
     (["train.lr=-1"], "config key 'train.lr'"),
     (["privacy.enabled=true"], "exactly one of noise_multiplier and target_epsilon"),
+    (["fairness.penalty=sinkhorn", "fairness.frequencies=64"], "'fairness'.*MMD setting"),
+    (["fairness.penalty=mmd", "fairness.frequencies=0"], "config key 'fairness.frequencies'"),
     (["nonsense"], "expected key.path=value"),
 ])
 def test_bad_values_name_the_key(overrides, message):
