@@ -6,7 +6,7 @@ import pytest
 
 from trustml import config as cfgmod
 from trustml.fairness import experiments
-from trustml.fairness.sweep import sweep_main
+from trustml.fairness.sweep import sweep_main, with_penalty
 
 TINY = [
     "data.subset=400",
@@ -75,3 +75,12 @@ def test_sweep_writes_json_report_and_plot(tmp_path, capsys):
     assert "unpenalised MLP" in (out / "report.md").read_text()
     with pytest.raises(cfgmod.ConfigError, match="--penalties"):
         sweep_main(["--config", "configs/adult_fair_mmd.yaml", "--penalties", "kl"])
+
+
+def test_sweep_drops_mmd_only_settings_for_other_penalties():
+    config = cfgmod.load("configs/adult_fair_mmd.yaml", ["fairness.frequencies=64"])
+    sinkhorn = with_penalty(config, "sinkhorn", 3.0)
+    assert (sinkhorn.fairness.penalty, sinkhorn.fairness.weight) == ("sinkhorn", 3.0)
+    assert sinkhorn.fairness.frequencies is None
+    assert with_penalty(config, "mmd", 1.0).fairness.frequencies == 64
+    assert config.fairness.frequencies == 64  # the base config is not touched

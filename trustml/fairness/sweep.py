@@ -155,6 +155,15 @@ def _table(rows: list[tuple[str, dict[str, Any]]]) -> str:
     return markdown_table(named, ["model", *TABLE_COLUMNS.values()])
 
 
+def with_penalty(config: Config, penalty: str, weight: float) -> Config:
+    """A copy of ``config`` with another penalty and weight (MMD-only settings dropped for others)."""
+    cfg = config.model_copy(deep=True)
+    if penalty != "mmd":
+        cfg.fairness.frequencies = None
+    cfg.fairness.penalty, cfg.fairness.weight = penalty, weight
+    return cfg
+
+
 def run_sweep(
     config: Config,
     weights: list[float],
@@ -168,14 +177,10 @@ def run_sweep(
 
     run_dir.mkdir(parents=True, exist_ok=True)
     cfgmod.save(config, run_dir / "config.yaml")
-    base = config.model_copy(deep=True)
-    base.fairness.penalty, base.fairness.weight = "none", 0.0
-    jobs = [("unpenalised", 0.0, base)] if 0.0 in weights else []
+    jobs = [("unpenalised", 0.0, with_penalty(config, "none", 0.0))] if 0.0 in weights else []
     for penalty in penalties:
         for w in (w for w in weights if w > 0):
-            cfg = config.model_copy(deep=True)
-            cfg.fairness.penalty, cfg.fairness.weight = penalty, w
-            jobs.append((penalty, w, cfg))
+            jobs.append((penalty, w, with_penalty(config, penalty, w)))
     results = []
     for name, weight, cfg in tqdm(jobs, desc="sweep", disable=not progress):
         report = train_point(cfg, run_dir / f"{name}-w{weight:g}", progress=False)
