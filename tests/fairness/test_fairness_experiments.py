@@ -6,7 +6,8 @@ import pytest
 
 from trustml import config as cfgmod
 from trustml.fairness import experiments
-from trustml.fairness.sweep import sweep_main, with_penalty
+from trustml.fairness.penalty import with_penalty
+from trustml.fairness.sweep import sweep_main
 
 TINY = [
     "data.subset=400",

@@ -18,6 +18,7 @@ import numpy as np
 
 from trustml.config import Config, ConfigError
 from trustml.fairness.metrics import classification_report
+from trustml.fairness.penalty import with_penalty
 from trustml.fairness.postprocess import WassersteinBarycenterFair, ks_distance
 
 HOURS = "hours-per-week"
@@ -90,8 +91,7 @@ def transfer(config: Config, run_dir: Path) -> dict[str, Any]:
         raise ConfigError(
             "fair_transfer: expects data.target=income (the second task is hours-per-week > 40)"
         )
-    plain = config.model_copy(deep=True)
-    plain.fairness.penalty = "none"
+    plain = with_penalty(config, "none", 0.0)
     splits = {name: getattr(data, name) for name in ("train", "val", "test")}
     labels = {n: (split.raw[HOURS] > 40).astype(np.int64) for n, split in splits.items()}
     results: dict[str, Any] = {}

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from trustml.config import FairnessConfig
+from trustml.config import Config, FairnessConfig
 from trustml.fairness.losses import mmd_between, sinkhorn
 
 MaskedDistance = Callable[[Tensor, Tensor, Tensor], Tensor]
@@ -107,3 +107,12 @@ def build_penalty(cfg: FairnessConfig) -> FairnessPenalty | None:
     else:
         distance, minimum = split_pairs(partial(sinkhorn, blur=cfg.blur, scaling=cfg.scaling)), 1
     return FairnessPenalty(distance, cfg.weight, cfg.notion, cfg.acts_on, minimum, name=cfg.penalty)
+
+
+def with_penalty(config: Config, penalty: str, weight: float) -> Config:
+    """A copy of ``config`` with another penalty and weight (MMD-only settings dropped for others)."""
+    cfg = config.model_copy(deep=True)
+    if penalty != "mmd":
+        cfg.fairness.frequencies = None
+    cfg.fairness.penalty, cfg.fairness.weight = penalty, weight
+    return cfg

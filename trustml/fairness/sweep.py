@@ -24,6 +24,7 @@ from trustml import config as cfgmod
 from trustml.config import Config, ConfigError
 from trustml.evaluation.report import markdown_table
 from trustml.fairness.metrics import classification_report
+from trustml.fairness.penalty import with_penalty
 
 KEYS = (
     "accuracy",
@@ -153,15 +154,6 @@ def _table(rows: list[tuple[str, dict[str, Any]]]) -> str:
     named = [{"model": name, **{label: r[key] for key, label in TABLE_COLUMNS.items()}}
              for name, r in rows]
     return markdown_table(named, ["model", *TABLE_COLUMNS.values()])
-
-
-def with_penalty(config: Config, penalty: str, weight: float) -> Config:
-    """A copy of ``config`` with another penalty and weight (MMD-only settings dropped for others)."""
-    cfg = config.model_copy(deep=True)
-    if penalty != "mmd":
-        cfg.fairness.frequencies = None
-    cfg.fairness.penalty, cfg.fairness.weight = penalty, weight
-    return cfg
 
 
 def run_sweep(
