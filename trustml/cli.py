@@ -18,7 +18,7 @@ from trustml.training.checkpoint import CheckpointError
 
 # run.experiment -> "module:function" taking (config, run_dir) and returning a summary dict.
 EXPERIMENTS: dict[str, str] = {
-    "train": "trustml.training.run:run_training",
+    "train": "trustml.runner:run_training",
     "distill_offline": "trustml.distill.benchmark:run",
     "audit": "trustml.attacks.experiment:audit",
     "lm_canaries": "trustml.attacks.experiment:lm_canaries",
@@ -79,13 +79,13 @@ def train_main(argv: list[str] | None = None) -> int:
         raise ConfigError(f"config key 'run.experiment': expected one of {sorted(EXPERIMENTS)}, "
                           f"got {config.run.experiment!r}")
     if config.run.experiment == "train":
-        from trustml.training.run import run_training
+        from trustml.runner import run_training
 
         result = run_training(config, args.run_dir or run_dir, resume=bool(args.resume),
                               progress=not args.quiet)
         run_dir, summary = result.run_dir, result.summary
     else:
-        from trustml.training.run import make_run_dir
+        from trustml.runner import make_run_dir
 
         if distributed.launched_world_size() > 1:
             raise ConfigError(f"run.experiment={config.run.experiment!r} is a single-process "

@@ -13,7 +13,7 @@ from trustml.attacks.lm import lm_attack_scores, sequence_logppl, token_stats
 from trustml.config import ConfigError, from_dict
 from trustml.distill.corpus import word_tokenizer
 from trustml.evaluation.report import load_run
-from trustml.training.run import run_training
+from trustml.runner import run_training
 
 WORDS = ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india"]
 

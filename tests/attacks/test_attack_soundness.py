@@ -10,7 +10,7 @@ from trustml.attacks.metrics import auc
 from trustml.attacks.scores import loss_score
 from trustml.attacks.tabular import logits_of
 from trustml.config import from_dict
-from trustml.training.run import run_training
+from trustml.runner import run_training
 
 
 def _attack(eps, tmp_path):

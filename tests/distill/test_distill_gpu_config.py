@@ -7,7 +7,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from trustml import config as cfgmod
-from trustml.training.run import run_training
+from trustml.runner import run_training
 
 ROOT = Path(__file__).resolve().parents[2]
 

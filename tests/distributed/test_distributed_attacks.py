@@ -59,7 +59,7 @@ def _worker(rank: int, init_file: str, out: str, run_dirs: list[str]) -> None:
 @pytest.fixture(scope="module")
 def adult_run(tmp_path_factory) -> Path:
     """A small trained Adult run, evaluated by one process into its eval/."""
-    from trustml.training.run import run_training
+    from trustml.runner import run_training
 
     config = cfgmod.load(ROOT / "configs/adult.yaml", [
         "data.subset=2000", "train.epochs=2", "attack.n_reference=4", "run.device=cpu"])

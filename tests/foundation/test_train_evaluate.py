@@ -6,7 +6,7 @@ import torch
 from trustml import cli
 from trustml import config as cfgmod
 from trustml.training.checkpoint import CheckpointError, load_state, save_state
-from trustml.training.run import run_training
+from trustml.runner import run_training
 
 FAST = ["data.subset=3000", "train.batch_size=128", "run.device=cpu"]
 

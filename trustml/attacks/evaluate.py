@@ -15,7 +15,7 @@ import torch
 from trustml.attacks import audit, lm, metrics, plots
 from trustml.attacks.tabular import check_attacks, logits_of, reference_outputs, tabular_scores
 from trustml.config import ConfigError
-from trustml.evaluation.report import EvalContext, ReportSection
+from trustml.evaluation.context import EvalContext, ReportSection
 from trustml.training.distributed import current
 
 

@@ -24,7 +24,7 @@ from trustml.attacks import plots
 from trustml.attacks.evaluate import attack_metrics
 from trustml.attacks.tabular import logits_of, reference_outputs, tabular_scores
 from trustml.config import Config, ConfigError, from_dict
-from trustml.evaluation.report import markdown_table
+from trustml.evaluation.context import markdown_table
 
 
 def variant(config: Config, **sections: dict[str, Any]) -> Config:
@@ -46,7 +46,7 @@ def private_variant(config: Config, eps: float) -> Config:
 def audit(config: Config, run_dir: str | Path) -> dict[str, Any]:
     """Train targets at every audited epsilon, attack them, plot theory vs practice."""
     from trustml.data.tabular import load_tabular
-    from trustml.training.run import resolve_device, run_training
+    from trustml.runner import resolve_device, run_training
 
     if config.model.kind != "mlp":
         raise ConfigError("run.experiment 'audit' needs a tabular MLP (model.kind: mlp)")
@@ -134,7 +134,7 @@ def lm_canaries(config: Config, run_dir: str | Path) -> dict[str, Any]:
     from trustml.attacks.exposure import CanaryFormat, make_canaries
     from trustml.attacks.tabular import check_attacks
     from trustml.data.text import lm_datasets, load_tokenizer
-    from trustml.training.run import resolve_device, run_training
+    from trustml.runner import resolve_device, run_training
 
     a, p = config.attack, config.privacy
     if config.model.kind != "gpt2":

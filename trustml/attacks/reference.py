@@ -37,7 +37,7 @@ from trustml.config import Config, ConfigError
 from trustml.models.mlp import MLP
 from trustml.training.distributed import World, current
 from trustml.training.objectives import ClassificationObjective
-from trustml.training.run import make_optimizer
+from trustml.runner import make_optimizer
 from trustml.training.step import PlainStep
 
 

@@ -19,7 +19,7 @@ from trustml.config import Config, ConfigError, from_dict
 from trustml.data.text import lm_datasets, load_tokenizer
 from trustml.distill.corpus import generate_corpus, word_tokenizer
 from trustml.evaluation.bias import evaluate_lm_model, plot_gaps
-from trustml.training.run import run_training
+from trustml.runner import run_training
 
 WORD_TOKENIZER = "words"  # data.tokenizer value selecting the corpus' own word-level tokenizer
 

@@ -23,7 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from trustml.evaluation.report import EvalContext, ReportSection
+from trustml.evaluation.context import EvalContext, ReportSection
 
 PROFESSIONS: tuple[str, ...] = (
     "nurse", "secretary", "receptionist", "librarian", "hairdresser", "nanny", "dancer",

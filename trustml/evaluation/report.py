@@ -8,59 +8,18 @@ An evaluator is ``fn(ctx) -> ReportSection``; ``evaluate_run`` picks those that 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import torch
-from torch import nn
 
 from trustml import config as cfgmod
-from trustml.config import Config, ConfigError
+from trustml.config import ConfigError
+from trustml.evaluation.context import EvalContext, ReportSection
 from trustml.training import distributed
 from trustml.training.checkpoint import load_model
 
 
-@dataclass
-class EvalContext:
-    run_dir: Path
-    config: Config
-    model: nn.Module
-    parts: Any  # trustml.training.run.Parts: datasets, tokenizer, objective
-    device: torch.device
-    out_dir: Path
-    summary: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class ReportSection:
-    title: str
-    metrics: dict[str, Any]
-    markdown: str
-    plots: list[Path] = field(default_factory=list)
-
-
-Evaluator = Callable[[EvalContext], ReportSection]
-
-
-def markdown_table(rows: list[dict[str, Any]], columns: list[str], digits: str = ".4f") -> str:
-    """A Markdown table of ``rows`` (dicts) in ``columns`` order; floats as ``format(v, digits)``,
-    missing values as n/a. Every report of the suite builds its tables here."""
-
-    def cell(value: Any) -> str:
-        if value is None:
-            return "n/a"
-        return format(value, digits) if isinstance(value, float) else str(value)
-
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(cell(row.get(c)) for c in columns) + " |" for row in rows]
-    return "\n".join(lines)
-
-
 def load_run(run_dir: str | Path, device: str = "auto") -> EvalContext:
     """Rebuild the model and data of a run directory from its saved config and weights."""
-    from trustml.training.run import build_parts, resolve_device
+    from trustml.runner import build_parts, resolve_device
 
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():

@@ -10,7 +10,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from trustml.evaluation.report import EvalContext, ReportSection, markdown_table  # noqa: E402
+from trustml.evaluation.context import EvalContext, ReportSection, markdown_table  # noqa: E402
 from trustml.fairness.metrics import classification_report  # noqa: E402
 
 

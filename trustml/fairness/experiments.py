@@ -79,7 +79,7 @@ def transfer(config: Config, run_dir: Path) -> dict[str, Any]:
     """
     from trustml.evaluation.tabular import predict_scores
     from trustml.fairness.linear import fit_linear
-    from trustml.training.run import run_training
+    from trustml.runner import run_training
 
     if config.fairness.penalty == "none":
         raise ConfigError(
@@ -182,7 +182,7 @@ def wasserstein(config: Config, run_dir: Path) -> dict[str, Any]:
     output distributions and the error (MAE/RMSE, accuracy) before and after.
     """
     from trustml.evaluation.tabular import predict_scores
-    from trustml.training.run import run_training
+    from trustml.runner import run_training
 
     run_dir = Path(run_dir)
     data = _load(config)

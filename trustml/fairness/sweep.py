@@ -22,7 +22,7 @@ import matplotlib.pyplot as plt
 
 from trustml import config as cfgmod
 from trustml.config import Config, ConfigError
-from trustml.evaluation.report import markdown_table
+from trustml.evaluation.context import markdown_table
 from trustml.fairness.metrics import classification_report
 from trustml.fairness.penalty import with_penalty
 
@@ -65,7 +65,7 @@ def train_point(config: Config, run_dir: Path, progress: bool) -> dict[str, Any]
     """Train ``config`` into ``run_dir`` and return its test-split report."""
     from trustml.data.tabular import load_tabular
     from trustml.evaluation.tabular import predict_scores
-    from trustml.training.run import run_training
+    from trustml.runner import run_training
 
     result = run_training(config, run_dir, progress=progress)
     data = load_tabular(config.data, seed=config.run.seed)
@@ -236,7 +236,7 @@ def sweep_main(argv: list[str] | None = None) -> int:
     if args.run_dir:
         run_dir = Path(args.run_dir)
     else:
-        from trustml.training.run import make_run_dir
+        from trustml.runner import make_run_dir
 
         named = config.model_copy(deep=True)
         named.run.name = f"{config.run.name}-sweep"
