@@ -101,6 +101,9 @@ def train_main(argv: list[str] | None = None) -> int:
     else:
         from trustml.training.run import make_run_dir
 
+        if args.resume:
+            raise ConfigError(f"--resume: run.experiment={config.run.experiment!r} is a driver "
+                              "that cannot resume; only run.experiment=train resumes")
         if distributed.launched_world_size() > 1:
             raise ConfigError(f"run.experiment={config.run.experiment!r} is a single-process "
                               "driver; launch it without torchrun (run.experiment=train scales)")

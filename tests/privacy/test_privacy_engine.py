@@ -254,6 +254,14 @@ def test_resume_recalibrates_noise_for_what_is_left():
     longer.restored(20, records)
     total = longer.accountant.epsilon(1e-5, extra=(longer.noise_multiplier, 0.05, 40))
     assert longer.noise_multiplier > fresh_sigma and 2.99 - 0.01 <= total <= 3.0
+    halfway = private(nn.Linear(5, 2), data, target_epsilon=3.0, batch_size=10, epochs=2)
+    unchanged = private(nn.Linear(5, 2), data, target_epsilon=3.0, batch_size=10, epochs=2)
+    for batch in halfway.batches.batches(0):
+        halfway.step.step(halfway.clipper.model, squared, batch)
+    unchanged.load_state_dict(halfway.state_dict())
+    unchanged.restored(20, [{**records[0], "privacy": halfway.describe()},
+                            {"step": 20, "epsilon": halfway.accountant.epsilon(1e-5)}])
+    assert unchanged.noise_multiplier == halfway.noise_multiplier  # same plan: same sigma
     spent = private(nn.Linear(5, 2), data, target_epsilon=1.0, batch_size=10, epochs=3)
     spent.load_state_dict(dp.state_dict())
     with pytest.raises(ValueError, match="already spent epsilon 2.9"):

@@ -91,6 +91,11 @@ def _copies(folder: Path) -> list[Path]:
     return [folder, folder.with_name(folder.name + ".tmp"), folder.with_name(folder.name + ".old")]
 
 
+def checkpoint_exists(folder: str | Path) -> bool:
+    """Whether ``folder`` or a copy left by an interrupted swap exists."""
+    return any(copy.is_dir() for copy in _copies(Path(folder)))
+
+
 def save_state(state: dict[str, Any], folder: str | Path) -> None:
     """Write ``state`` atomically: a crash at any point leaves one complete, verifiable copy."""
     folder = Path(folder)

@@ -20,7 +20,7 @@ from trustml import config as cfgmod
 from trustml.config import Config, ConfigError
 from trustml.data.sampling import ShardedBatches, ShuffledBatches, sequential_batches
 from trustml.training import distributed
-from trustml.training.checkpoint import save_model
+from trustml.training.checkpoint import checkpoint_exists, save_model
 from trustml.training.loop import fit, seed_everything
 from trustml.training.objectives import ClassificationObjective, LMObjective
 from trustml.training.step import PlainStep
@@ -134,7 +134,7 @@ def run_training(config: Config, run_dir: str | Path | None = None, resume: bool
     device = distributed.rank_device(device, world)
     run_dir = Path(distributed.broadcast(
         str(run_dir) if run_dir is not None else str(make_run_dir(config)), world))
-    if resume and not (run_dir / "checkpoint").is_dir():
+    if resume and not checkpoint_exists(run_dir / "checkpoint"):
         raise ConfigError(f"--resume: {str(run_dir)!r} has no checkpoint/ to resume from")
     seed_everything(config.run.seed)
     parts = build_parts(config)
