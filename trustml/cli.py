@@ -70,6 +70,8 @@ def train_main(argv: list[str] | None = None) -> int:
     args = _train_parser().parse_args(argv)
     if args.resume:
         run_dir = Path(args.resume)
+        if args.run_dir is not None and Path(args.run_dir) != run_dir:
+            raise ConfigError("--resume RUN_DIR continues that run in place; drop --run-dir")
         saved = run_dir / "config.yaml"
         if not saved.is_file():
             raise ConfigError(f"--resume: {str(run_dir)!r} has no config.yaml")

@@ -68,11 +68,17 @@ class PrivateTraining:
         if self.accountant.steps != step:
             raise ValueError(f"the accountant history charges {self.accountant.steps} steps but "
                              f"the checkpoint is at step {step}")
-        for _, q, _ in history:
+        for sigma, q, _ in history:
             if not math.isclose(q, self.sample_rate, rel_tol=1e-9):
                 raise ValueError(f"the accountant history has sample rate {q}, this run "
                                  f"samples at {self.sample_rate}")
+            if self.target_epsilon is None and sigma != self.noise_multiplier:
+                raise ValueError(f"the accountant history has noise multiplier {sigma}, this "
+                                 f"run's config {self.noise_multiplier}")
         logged = logged_history(records, step)
+        if step and not logged:
+            raise ValueError("metrics.jsonl has no start/resume record to cross-check the "
+                             "accountant history against (the log is missing or truncated)")
         if _merged(history) != _merged(logged):
             raise ValueError(f"the accountant history {history} disagrees with the metrics "
                              f"log's segments {logged}")
