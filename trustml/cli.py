@@ -52,12 +52,14 @@ def _guarded(main: Callable[[list[str] | None], int]) -> Callable[[list[str] | N
 
 def _train_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="trustml-train", description="Train from a YAML config.")
-    parser.add_argument("--config", required=True, help="YAML run config (configs/*.yaml)")
+    parser.add_argument("--config", help="YAML run config (configs/*.yaml); optional with "
+                        "--resume, where it must equal the run's own config")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="dotted overrides, e.g. train.epochs=3 privacy.enabled=true")
     parser.add_argument("--run-dir", help="write the run here instead of runs/<name>-<time>")
     parser.add_argument("--resume", metavar="RUN_DIR",
-                        help="continue an interrupted run from its last checkpoint")
+                        help="continue an interrupted run from its last checkpoint; only "
+                        f"{', '.join(cfgmod.RESUMABLE)} may change, through --set")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
 
@@ -68,10 +70,24 @@ def train_main(argv: list[str] | None = None) -> int:
     args = _train_parser().parse_args(argv)
     if args.resume:
         run_dir = Path(args.resume)
+        if args.run_dir is not None and Path(args.run_dir) != run_dir:
+            raise ConfigError("--resume RUN_DIR continues that run in place; drop --run-dir")
         saved = run_dir / "config.yaml"
         if not saved.is_file():
             raise ConfigError(f"--resume: {str(run_dir)!r} has no config.yaml")
+        cfgmod.check_resume_overrides(args.set)
         config = cfgmod.load(saved, args.set)
+        if args.config is not None:
+            given = cfgmod.load(args.config, args.set).to_dict()
+            changed = cfgmod.differences(config.to_dict(), given)
+            if changed:
+                shown = cfgmod.describe_differences(changed, config.to_dict(), given,
+                                                    ("run", "--config"))
+                raise ConfigError(f"--resume: --config {args.config} differs from the run's "
+                                  f"config in {shown}; omit --config to resume the run as it "
+                                  "was, and change what may change with --set")
+    elif args.config is None:
+        raise ConfigError("--config is required (or --resume RUN_DIR)")
     else:
         config = cfgmod.load(args.config, args.set)
         run_dir = None
@@ -87,6 +103,9 @@ def train_main(argv: list[str] | None = None) -> int:
     else:
         from trustml.runner import make_run_dir
 
+        if args.resume:
+            raise ConfigError(f"--resume: run.experiment={config.run.experiment!r} is a driver "
+                              "that cannot resume; only run.experiment=train resumes")
         if distributed.launched_world_size() > 1:
             raise ConfigError(f"run.experiment={config.run.experiment!r} is a single-process "
                               "driver; launch it without torchrun (run.experiment=train scales)")

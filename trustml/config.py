@@ -83,6 +83,10 @@ class PrivacyConfig(Section):
     poisson: bool = True
     physical_batch_size: int | None = Field(None, ge=1)
     epsilon_budget: float | None = Field(None, gt=0, description="stop before exceeding this")
+    secure_rng: bool = Field(
+        True, description="noise and batch sampling from the OS CSPRNG, never from run.seed nor "
+        "saved; false: seeded from run.seed for bit-reproducible runs (anyone with the seed can "
+        "remove the noise)")
 
     @model_validator(mode="after")
     def _one_noise_source(self) -> "PrivacyConfig":
@@ -229,6 +233,68 @@ def load(path: str | Path | None, overrides: list[str] | None = None) -> Config:
         if not isinstance(raw, dict):
             raise ConfigError(f"config file {str(path)!r}: expected a mapping of sections")
     return from_dict(_merge(raw, parse_overrides(overrides or [])))
+
+
+# What may change when a run is resumed (only through --set): how long it runs, its privacy budgets,
+# and settings that change neither the math nor the privacy (logging, checkpoint cadence, device,
+# memory-sized physical batches). Everything else would make the checkpoint describe another run.
+RESUMABLE = ("train.epochs", "train.max_steps", "privacy.target_epsilon", "privacy.epsilon_budget",
+             "train.log_every", "run.checkpoint_every", "run.device", "privacy.physical_batch_size")
+
+
+def differences(first: dict[str, Any], second: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two config dicts."""
+    keys: list[str] = []
+    for key in sorted(set(first) | set(second)):
+        a, b = first.get(key), second.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            keys += differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            keys.append(f"{prefix}{key}")
+    return keys
+
+
+def _lookup(tree: dict[str, Any], key: str) -> Any:
+    for part in key.split("."):
+        tree = tree.get(part) if isinstance(tree, dict) else None
+    return tree
+
+
+def describe_differences(keys: list[str], first: dict[str, Any], second: dict[str, Any],
+                         names: tuple[str, str]) -> str:
+    return ", ".join(f"{k} ({names[0]} {_lookup(first, k)!r}, {names[1]} {_lookup(second, k)!r})"
+                     for k in keys)
+
+
+def check_resume_overrides(overrides: list[str]) -> None:
+    """Refuse a ``--set`` on resume of any key outside :data:`RESUMABLE`, naming it."""
+    for item in overrides:
+        key = item.partition("=")[0]
+        if key not in RESUMABLE:
+            raise ConfigError(f"--resume: {key!r} cannot change on resume (only "
+                              f"{', '.join(RESUMABLE)} can, through --set)")
+
+
+class ConfigRecord:
+    """The run's config as a checkpoint entry. Restoring it refuses a run whose config changed since
+    the checkpoint in anything but :data:`RESUMABLE` (an edited config.yaml, privacy turned off)."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.config.to_dict()
+
+    def load_state_dict(self, saved: dict[str, Any]) -> None:
+        if not isinstance(saved, dict):
+            raise ValueError("checkpoint field config: expected a mapping")
+        now = self.config.to_dict()
+        changed = [k for k in differences(saved, now) if k not in RESUMABLE]
+        if changed:
+            raise ConfigError(
+                "the run's config differs from its checkpoint's in "
+                f"{describe_differences(changed, saved, now, ('checkpoint', 'now'))}; only "
+                f"{', '.join(RESUMABLE)} can change on resume, through --set")
 
 
 def save(config: Config, path: str | Path) -> None:

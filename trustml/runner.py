@@ -20,7 +20,7 @@ from trustml import config as cfgmod
 from trustml.config import Config, ConfigError
 from trustml.data.sampling import ShardedBatches, ShuffledBatches, sequential_batches
 from trustml.training import distributed
-from trustml.training.checkpoint import save_model
+from trustml.training.checkpoint import checkpoint_exists, save_model
 from trustml.training.loop import fit, seed_everything
 from trustml.training.objectives import ClassificationObjective, LMObjective
 from trustml.training.step import PlainStep
@@ -134,7 +134,7 @@ def run_training(config: Config, run_dir: str | Path | None = None, resume: bool
     device = distributed.rank_device(device, world)
     run_dir = Path(distributed.broadcast(
         str(run_dir) if run_dir is not None else str(make_run_dir(config)), world))
-    if resume and not (run_dir / "checkpoint").is_dir():
+    if resume and not checkpoint_exists(run_dir / "checkpoint"):
         raise ConfigError(f"--resume: {str(run_dir)!r} has no checkpoint/ to resume from")
     seed_everything(config.run.seed)
     parts = build_parts(config)
@@ -145,7 +145,7 @@ def run_training(config: Config, run_dir: str | Path | None = None, resume: bool
         from trustml.fairness.penalty import build_penalty
 
         penalties.append(build_penalty(config.fairness))
-    state: dict[str, Any] = {"optimizer": optimizer}
+    state: dict[str, Any] = {"config": cfgmod.ConfigRecord(config), "optimizer": optimizer}
     privacy = None
     trained = model
     if config.privacy.enabled:
@@ -160,7 +160,8 @@ def run_training(config: Config, run_dir: str | Path | None = None, resume: bool
                 epochs=config.train.epochs, max_grad_norm=p.max_grad_norm,
                 accountant=p.accountant, poisson_sampling=p.poisson,
                 physical_batch_size=p.physical_batch_size, batch_size=config.train.batch_size,
-                epsilon_budget=p.epsilon_budget, seed=config.run.seed, amp=config.train.amp,
+                epsilon_budget=p.epsilon_budget, secure_rng=p.secure_rng, seed=config.run.seed,
+                amp=config.train.amp,
                 world=world)
         except ValueError as err:
             raise ConfigError(f"privacy: {err}") from None
@@ -197,7 +198,7 @@ def run_training(config: Config, run_dir: str | Path | None = None, resume: bool
                   max_steps=config.train.max_steps, log_every=config.train.log_every,
                   checkpoint_every=config.run.checkpoint_every, resume=resume, progress=progress,
                   world=world)
-    final = summary["history"][-1] if summary["history"] else {}
+    final = summary["partial_epoch"] or (summary["history"][-1] if summary["history"] else {})
     summary.update({k: v for k, v in final.items() if k.startswith(("val_", "epsilon"))})
     if parts.data is not None:
         scores = predict_scores(model, parts.data.test.x, device)
@@ -206,7 +207,10 @@ def run_training(config: Config, run_dir: str | Path | None = None, resume: bool
         summary.update({"epsilon": privacy.accountant.epsilon(config.privacy.delta),
                         "delta": config.privacy.delta,
                         "noise_multiplier": privacy.noise_multiplier,
-                        "sample_rate": privacy.sample_rate, "privacy_note": privacy.note})
+                        "sample_rate": privacy.sample_rate, "privacy_note": privacy.note,
+                        "privacy_rng": "secure" if privacy.secure_rng else
+                        "reproducible (seeded from run.seed)",
+                        "accountant_history": privacy.accountant.history})
     summary.update({"device": str(device), "world_size": world.size})
     if world.is_main:
         save_model(model, run_dir / "model.safetensors")

@@ -14,7 +14,7 @@ from trustml.runner import run_training
 
 
 def _attack(eps, tmp_path):
-    privacy = ({"enabled": True, "target_epsilon": eps, "max_grad_norm": 0.5}
+    privacy = ({"enabled": True, "target_epsilon": eps, "max_grad_norm": 0.5, "secure_rng": False}
                if eps is not None else {"enabled": False})
     cfg = from_dict({
         "run": {"device": "cpu", "checkpoint_every": 100, "name": f"eps{eps}"},

@@ -41,36 +41,38 @@ def zero_loss(model, batch):
     return ObjectiveOutput(model(batch["x"]).squeeze(-1) * 0.0)
 
 
-def run_steps(world: World, sigma: float, objective, steps: int) -> dict[str, torch.Tensor]:
-    """``steps`` DP steps; returns every step's update (grad) and the final epsilon."""
+def run_steps(world: World, sigma: float, objective, steps: int,
+              secure: bool = False) -> dict[str, torch.Tensor]:
+    """``steps`` DP steps; returns every step's update (grad), batch sizes and final epsilon."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(D, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
     opt = torch.optim.SGD(model.parameters(), lr=0.0)  # lr 0: every step sees the same weights
     private = make_private(model, opt, Rows(), noise_multiplier=sigma, target_delta=1e-5,
-                           epochs=1, max_grad_norm=0.5, batch_size=16, seed=3, world=world)
-    grads = []
+                           epochs=1, max_grad_norm=0.5, batch_size=16, seed=3, world=world,
+                           secure_rng=secure)
+    grads, sizes = [], []
     batches = private.batches.batches(0)
     for _ in range(steps):
         batch = next(batches, None) or next(iter(private.batches.batches(1)))
-        private.step.step(model, objective, batch)
+        sizes.append(private.step.step(model, objective, batch)["batch_size"])
         grads.append(torch.cat([p.grad.reshape(-1) for p in model.parameters()]))
-    return {"grads": torch.stack(grads),
+    return {"grads": torch.stack(grads), "sizes": torch.tensor(sizes),
             "epsilon": torch.tensor(private.accountant.epsilon(1e-5), dtype=torch.float64)}
 
 
 def _worker(rank: int, init_file: str, out: str, sigma: float, objective_name: str,
-            steps: int) -> None:
+            steps: int, secure: bool) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     torch.set_num_threads(1)
     objective = {"squared_error": squared_error, "zero_loss": zero_loss}[objective_name]
-    result = run_steps(current(), sigma, objective, steps)
+    result = run_steps(current(), sigma, objective, steps, secure)
     save_file(result, os.path.join(out, f"rank{rank}.safetensors"))
     dist.destroy_process_group()
 
 
-def two_ranks(tmp_path, sigma, objective_name, steps):
-    mp.spawn(_worker, args=(str(tmp_path / "init"), str(tmp_path), sigma, objective_name, steps),
-             nprocs=2, join=True)
+def two_ranks(tmp_path, sigma, objective_name, steps, secure=False):
+    mp.spawn(_worker, args=(str(tmp_path / "init"), str(tmp_path), sigma, objective_name, steps,
+                            secure), nprocs=2, join=True)
     return [load_file(str(tmp_path / f"rank{r}.safetensors")) for r in range(2)]
 
 
@@ -83,9 +85,10 @@ def test_clipped_sum_and_epsilon_match_single_process(tmp_path):
 
 
 def test_noise_is_added_once_in_total(tmp_path):
+    """In the secure (default) mode: rank 0's secret noise and secret sampling seed."""
     steps, sigma = 150, 1.3
-    ranks = two_ranks(tmp_path, sigma, "zero_loss", steps)
-    single = run_steps(World(), sigma, zero_loss, steps)
+    ranks = two_ranks(tmp_path, sigma, "zero_loss", steps, secure=True)
+    single = run_steps(World(), sigma, zero_loss, steps, secure=True)
     torch.testing.assert_close(ranks[0]["grads"], ranks[1]["grads"])  # one update on all ranks
     expected = sigma * 0.5 / 16  # sigma * C / expected batch size
     n = ranks[0]["grads"].numel()  # 150 steps x 57 coordinates: std known to ~2.4% (4 sigma)
@@ -93,6 +96,10 @@ def test_noise_is_added_once_in_total(tmp_path):
         assert abs(grads.std().item() / expected - 1) < 4 / (2 * n) ** 0.5
     assert ranks[0]["epsilon"].item() == pytest.approx(single["epsilon"].item(), rel=1e-12)
     assert ranks[1]["epsilon"].item() == pytest.approx(single["epsilon"].item(), rel=1e-12)
+    # every rank saw the same global (secretly drawn) batch: the all-reduced sizes agree, and
+    # their mean is q * N = 16 (150 Poisson draws of Binomial(64, 1/4): sd 3.46 / sqrt(150))
+    assert torch.equal(ranks[0]["sizes"], ranks[1]["sizes"])
+    assert abs(ranks[0]["sizes"].float().mean().item() - 16) < 4 * 3.47 / steps**0.5
 
 
 def test_poisson_shards_partition_the_global_sample():

@@ -46,7 +46,7 @@ def test_resume_matches_uninterrupted(tmp_path):
 
 def test_resume_without_checkpoint_is_refused(tmp_path, capsys):
     (tmp_path / "config.yaml").write_text("run:\n  name: x\n")
-    assert cli.train_main(["--config", "configs/adult.yaml", "--resume", str(tmp_path)]) == 2
+    assert cli.train_main(["--resume", str(tmp_path)]) == 2
     assert "no checkpoint/" in capsys.readouterr().err
 
 
@@ -69,7 +69,8 @@ def test_checkpoint_round_trip_and_corruption(tmp_path):
 
 
 def test_dp_resume_keeps_spent_epsilon(tmp_path):
-    dp = ["privacy.enabled=true", "privacy.noise_multiplier=1.0", "train.batch_size=256", *FAST]
+    dp = ["privacy.enabled=true", "privacy.noise_multiplier=1.0", "privacy.secure_rng=false",
+          "train.batch_size=256", *FAST]
     full = run_training(cfgmod.load("configs/adult.yaml", ["train.epochs=2", *dp]),
                         tmp_path / "full", progress=False)
     part_cfg = cfgmod.load("configs/adult.yaml", ["train.epochs=1", *dp])
@@ -93,8 +94,8 @@ def test_mixed_precision_training_runs(tmp_path, amp):
 def test_resume_with_a_different_model_is_one_clear_error(tmp_path, capsys):
     run_training(cfgmod.load("configs/adult.yaml", ["train.epochs=1", *FAST]), tmp_path / "r",
                  progress=False)
-    code = cli.train_main(["--config", "configs/adult.yaml", "--resume", str(tmp_path / "r"),
-                           "--set", "model.hidden=[8]", "train.epochs=2"])
+    code = cli.train_main(["--resume", str(tmp_path / "r"), "--set", "model.hidden=[8]",
+                           "train.epochs=2"])
     assert code == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "does not fit this run's model" in err[0]
+    assert len(err) == 1 and "'model.hidden' cannot change on resume" in err[0]

@@ -69,7 +69,7 @@ def test_full_batch_without_noise_is_clipped_sgd(physical):
 def test_noise_std_and_seeding():
     model = nn.Linear(100, 60)
     start = [p.detach().clone() for p in model.parameters()]
-    dp = private(model, Rows(40, d=100), lr=1.0, noise_multiplier=2.0, seed=3)
+    dp = private(model, Rows(40, d=100), lr=1.0, noise_multiplier=2.0, seed=3, secure_rng=False)
     dp.step.step(model, zero_loss, next(iter(dp.batches.batches(0))))
     delta = torch.cat([(p.detach() - s).flatten() for p, s in zip(model.parameters(), start)])
     expected = 2.0 * 0.5 / 8  # sigma * C / expected batch size
@@ -78,7 +78,8 @@ def test_noise_std_and_seeding():
     # the same seed gives the same noise; the next step gives fresh noise
     model2 = nn.Linear(100, 60)
     model2.load_state_dict({k: v for k, v in zip(["weight", "bias"], start)})
-    dp2 = private(model2, Rows(40, d=100), lr=1.0, noise_multiplier=2.0, seed=3)
+    dp2 = private(model2, Rows(40, d=100), lr=1.0, noise_multiplier=2.0, seed=3,
+                  secure_rng=False)
     dp2.step.step(model2, zero_loss, next(iter(dp2.batches.batches(0))))
     torch.testing.assert_close(model2.weight, model.weight)
 
@@ -87,7 +88,8 @@ def test_noise_std_and_seeding():
 def test_epsilon_matches_opacus_and_resume_keeps_it(kind):
     data = Rows(200)
     model = nn.Linear(5, 2)
-    dp = private(model, data, noise_multiplier=1.1, accountant=kind, batch_size=10)
+    dp = private(model, data, noise_multiplier=1.1, accountant=kind, batch_size=10,
+                 secure_rng=False)
     assert dp.sample_rate == 0.05 and len(dp.batches) == 20
     for _, batch in zip(range(7), dp.batches.batches(0)):
         dp.step.step(model, squared, batch)
@@ -96,7 +98,8 @@ def test_epsilon_matches_opacus_and_resume_keeps_it(kind):
         ref.step(noise_multiplier=1.1, sample_rate=0.05)
     assert dp.accountant.epsilon(1e-5) == pytest.approx(ref.get_epsilon(delta=1e-5), rel=1e-9)
     state = dp.state_dict()
-    resumed = private(nn.Linear(5, 2), data, noise_multiplier=1.1, accountant=kind, batch_size=10)
+    resumed = private(nn.Linear(5, 2), data, noise_multiplier=1.1, accountant=kind, batch_size=10,
+                      secure_rng=False)
     assert resumed.accountant.epsilon(1e-5) == 0.0
     resumed.load_state_dict(state)
     assert resumed.accountant.epsilon(1e-5) == dp.accountant.epsilon(1e-5)
@@ -128,7 +131,7 @@ def test_target_epsilon_calibration():
 
 def test_poisson_batches_mean_size_reproducible_and_empty_batches():
     data = Rows(1000)
-    dp = private(nn.Linear(5, 2), data, noise_multiplier=1.0, batch_size=50)
+    dp = private(nn.Linear(5, 2), data, noise_multiplier=1.0, batch_size=50, secure_rng=False)
     sizes = [len(b["x"]) for e in range(5) for b in dp.batches.batches(e)]
     assert len(sizes) == 100 and len(set(sizes)) > 5  # random sizes around 50
     assert abs(sum(sizes) / len(sizes) - 50) < 3 * (50 * 0.95 / len(sizes)) ** 0.5
@@ -178,3 +181,95 @@ def test_dataloader_batch_size_and_refusals():
     with pytest.warns(UserWarning, match="Poisson"):
         shuffled = private(nn.Linear(5, 2), data, noise_multiplier=1.0, poisson_sampling=False)
     assert "NOT a proven guarantee" in shuffled.note
+
+
+def _one_noisy_update(secure_rng: bool, seed: int = 0):
+    """(start weights, weights after one step at sigma 5, the noiseless clipped sum, the DP state)."""
+    torch.manual_seed(1)
+    model = nn.Linear(6, 2)
+    data = Rows(8, d=6)
+    start = [p.detach().clone() for p in model.parameters()]
+    dp = private(model, data, lr=1.0, noise_multiplier=5.0, seed=seed, secure_rng=secure_rng)
+    batch = next(iter(dp.batches.batches(0)))  # q = 1: the whole set
+    dp.step.step(model, squared, batch)
+    clean = nn.Linear(6, 2)
+    clean.load_state_dict(dict(zip(["weight", "bias"], start)))
+    ref = private(clean, data, lr=1.0, noise_multiplier=0.0)
+    ref.step.step(clean, squared, batch)
+    clipped_sum = [8 * (s - p.detach()) for s, p in zip(start, clean.parameters())]
+    return start, [p.detach().clone() for p in model.parameters()], clipped_sum, dp
+
+
+def _attack(start, after, seed: int) -> list[torch.Tensor]:
+    """Issue #12's attack: with run.seed and two snapshots, regenerate the noise and subtract it."""
+    generator = torch.Generator().manual_seed(seed)
+    noise = [torch.randn(s.shape, generator=generator) for s in start]
+    return [8 * (s - a) - 5.0 * 0.5 * n for s, a, n in zip(start, after, noise)]
+
+
+def test_seeded_noise_is_recoverable_and_secure_noise_is_not():
+    start, after, truth, _ = _one_noisy_update(secure_rng=False)
+    for guess, real in zip(_attack(start, after, seed=0), truth):
+        torch.testing.assert_close(guess, real, rtol=1e-4, atol=1e-4)  # the leak is real
+    start, after, truth, _ = _one_noisy_update(secure_rng=True)
+    error = torch.cat([(g - r).flatten() for g, r in zip(_attack(start, after, 0), truth)])
+    assert error.abs().max() > 1.0  # off by noise of std sigma * C = 2.5, not recovered
+
+
+def test_secure_mode_differs_across_runs_and_keeps_no_generator():
+    first = _one_noisy_update(secure_rng=True, seed=0)
+    second = _one_noisy_update(secure_rng=True, seed=0)
+    assert not torch.equal(first[1][0], second[1][0])  # same seed, same data: different noise
+    state = first[3].state_dict()
+    assert "noise_generator" not in state and state["secure_rng"] is True
+    assert first[3].batches.seed is None  # Poisson masks from a fresh secret seed per epoch
+    seeded = _one_noisy_update(secure_rng=False)[3].state_dict()
+    assert seeded["noise_generator"].dtype == torch.uint8  # the opt-in mode checkpoints it
+    with pytest.raises(ValueError, match="secure_rng"):
+        first[3].load_state_dict(seeded)
+
+
+def test_secure_poisson_batches_are_fresh_but_still_poisson():
+    data = Rows(1000)
+    dp = private(nn.Linear(5, 2), data, noise_multiplier=1.0, batch_size=50)
+    one = [b["x"] for b in dp.batches.batches(3)]
+    two = [b["x"] for b in dp.batches.batches(3)]
+    assert not all(len(a) == len(b) and torch.equal(a, b) for a, b in zip(one, two))
+    sizes = [len(b["x"]) for e in range(5) for b in dp.batches.batches(e)]
+    assert abs(sum(sizes) / len(sizes) - 50) < 4 * (50 * 0.95 / len(sizes)) ** 0.5
+
+
+def test_resume_recalibrates_noise_for_what_is_left():
+    """A target_epsilon run resumed with more steps: sigma grows so the total stays <= target."""
+    data = Rows(200)
+    dp = private(nn.Linear(5, 2), data, target_epsilon=3.0, batch_size=10, epochs=1)
+    for batch in dp.batches.batches(0):
+        dp.step.step(dp.clipper.model, squared, batch)
+    records = [{"event": "start", "step": 0, "privacy": dp.describe()},
+               {"epoch": 1, "step": 20, "epsilon": dp.accountant.epsilon(1e-5)}]
+    longer = private(nn.Linear(5, 2), data, target_epsilon=3.0, batch_size=10, epochs=3)
+    longer.load_state_dict(dp.state_dict())
+    fresh_sigma = longer.noise_multiplier  # calibrated as if nothing had been spent
+    assert longer.accountant.epsilon(1e-5, extra=(fresh_sigma, 0.05, 40)) > 3.0
+    longer.restored(20, records)
+    total = longer.accountant.epsilon(1e-5, extra=(longer.noise_multiplier, 0.05, 40))
+    assert longer.noise_multiplier > fresh_sigma and 2.99 - 0.01 <= total <= 3.0
+    halfway = private(nn.Linear(5, 2), data, target_epsilon=3.0, batch_size=10, epochs=2)
+    unchanged = private(nn.Linear(5, 2), data, target_epsilon=3.0, batch_size=10, epochs=2)
+    for batch in halfway.batches.batches(0):
+        halfway.step.step(halfway.clipper.model, squared, batch)
+    unchanged.load_state_dict(halfway.state_dict())
+    unchanged.restored(20, [{**records[0], "privacy": halfway.describe()},
+                            {"step": 20, "epsilon": halfway.accountant.epsilon(1e-5)}])
+    assert unchanged.noise_multiplier == halfway.noise_multiplier  # same plan: same sigma
+    spent = private(nn.Linear(5, 2), data, target_epsilon=1.0, batch_size=10, epochs=3)
+    spent.load_state_dict(dp.state_dict())
+    with pytest.raises(ValueError, match="already spent epsilon 2.9"):
+        spent.restored(20, records)
+    # the cross-checks: a history that does not match the step count or the log is refused
+    with pytest.raises(ValueError, match="charges 20 steps"):
+        longer.restored(21, records)
+    forged = [{**records[0], "privacy": {**dp.describe(), "noise_multiplier": 100.0}},
+              records[1]]
+    with pytest.raises(ValueError, match="disagrees with the metrics log"):
+        longer.restored(20, forged)

@@ -1,21 +1,29 @@
 """Batch sources: objects with ``.batches(epoch)`` yielding logical batches (see ARCHITECTURE.md).
 
-The order of every epoch is a pure function of (seed, epoch), so a run resumed at an epoch boundary
-sees exactly the batches an uninterrupted run would have seen, with no sampler state to save.
+The order of every epoch is a pure function of (seed, epoch), so a resumed run sees exactly the
+batches an uninterrupted run would have seen, with no sampler state to save. ``seed=None`` makes it
+secret instead (DP-SGD's default, where known batches would void amplification by subsampling).
 """
 
 from __future__ import annotations
 
 import math
+import secrets
 from collections.abc import Iterator
 
 import torch
 from torch.utils.data import Dataset, default_collate
 
-from trustml.training.distributed import World, shard
+from trustml.training.distributed import World, broadcast, shard
 
 
-def epoch_generator(seed: int, epoch: int) -> torch.Generator:
+def epoch_generator(seed: int | None, epoch: int, world: World = World()) -> torch.Generator:
+    """The generator of one epoch's draws: a pure function of (seed, epoch), or with ``seed=None``
+    seeded from 63 fresh bits of the OS CSPRNG (rank 0's, shared with the other ranks so that
+    they draw the same global batches), held in memory only: never derived from the config,
+    never logged, never checkpointed."""
+    if seed is None:
+        return torch.Generator().manual_seed(broadcast(secrets.randbits(63), world))
     return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
 
 
@@ -41,7 +49,7 @@ class ShuffledBatches:
     batch and every rank takes the same number of steps.
     """
 
-    def __init__(self, dataset: Dataset, batch_size: int, seed: int = 0,
+    def __init__(self, dataset: Dataset, batch_size: int, seed: int | None = 0,
                  drop_last: bool = False, world: World = World()) -> None:
         if len(dataset) == 0:
             raise ValueError("cannot draw batches from an empty dataset")
@@ -56,7 +64,8 @@ class ShuffledBatches:
         return max(1, math.floor(n) if self.drop_last else math.ceil(n))
 
     def batches(self, epoch: int) -> Iterator[dict[str, torch.Tensor]]:
-        order = torch.randperm(len(self.dataset), generator=epoch_generator(self.seed, epoch))
+        order = torch.randperm(len(self.dataset), generator=epoch_generator(self.seed, epoch,
+                                                                              self.world))
         if self.world.distributed:
             order = shard(order[:len(order) - len(order) % self.world.size], self.world)
         for start in range(0, len(order), self.batch_size):

@@ -101,5 +101,43 @@ class PrivacyAccountant:
             raise ValueError(
                 f"checkpoint used the {state['kind']!r} accountant, this run {self.kind!r}"
             )
-        self._opacus.history = [(float(s), float(q), int(n)) for s, q, n in state["history"]]
+        self._opacus.history = [_segment(h) for h in state["history"]]
         self._cache = {}
+
+    def noise_for(self, target_epsilon: float, delta: float, sample_rate: float,
+                  steps: int) -> float:
+        """The noise multiplier with which ``steps`` more steps at ``sample_rate`` bring the total
+        spent (this history included) to at most ``target_epsilon`` (within 0.01 below it, the
+        tolerance of Opacus's ``get_noise_multiplier``, which only knows uniform histories).
+        Raises ValueError, with the figures, when no noise can keep the total under the target."""
+        spent = self.epsilon(delta)
+        if spent >= target_epsilon:
+            raise ValueError(f"this run already spent epsilon {spent:.4f} in {self.steps} steps, "
+                             f"which leaves nothing of target_epsilon {target_epsilon} for "
+                             f"{steps} more steps")
+        def total(sigma: float) -> float:
+            return self.epsilon(delta, extra=(sigma, sample_rate, steps))
+
+        high = 1.0
+        while total(high) > target_epsilon:
+            high *= 2
+            if high > 1e6:
+                raise ValueError(f"this run already spent epsilon {spent:.4f} in {self.steps} "
+                                 f"steps; {steps} more steps cannot stay within target_epsilon "
+                                 f"{target_epsilon} at any noise")
+        low = 0.0
+        while total(high) < target_epsilon - 0.01 and high - low > 1e-6:
+            middle = (low + high) / 2
+            low, high = (middle, high) if total(middle) > target_epsilon else (low, middle)
+        return high
+
+
+def _segment(raw: Any) -> tuple[float, float, int]:
+    """One (noise multiplier, sample rate, steps) entry of a saved history, type-checked."""
+    ok = (isinstance(raw, (list, tuple)) and len(raw) == 3
+          and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in raw)
+          and isinstance(raw[2], int) and raw[0] >= 0 and 0 < raw[1] <= 1 and raw[2] >= 1)
+    if not ok:
+        raise ValueError(f"accountant history entry {raw!r}: expected [noise_multiplier >= 0, "
+                         "sample_rate in (0, 1], steps >= 1]")
+    return float(raw[0]), float(raw[1]), int(raw[2])

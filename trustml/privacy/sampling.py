@@ -2,7 +2,9 @@
 
 This is the sampling the privacy accountants assume (amplification by subsampling). Batch sizes
 vary around ``q * N``; an empty batch is a valid draw and is still a step for the accountant. The
-draws of an epoch are a pure function of (seed, epoch), so resuming needs no sampler state.
+draws of an epoch are a pure function of (seed, epoch) in the reproducible mode; with ``seed=None``
+(the secure default of ``make_private``) each epoch's masks come from a fresh secret seed
+(``trustml.data.sampling.epoch_generator``), so nobody can replay which examples were in a batch.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ class PoissonBatches:
         self,
         dataset: Dataset,
         sample_rate: float,
-        seed: int = 0,
+        seed: int | None = 0,
         steps: int | None = None,
         world: World = World(),
     ):
@@ -39,7 +41,7 @@ class PoissonBatches:
         return self.steps
 
     def batches(self, epoch: int) -> Iterator[dict[str, torch.Tensor]]:
-        generator = epoch_generator(self.seed, epoch)
+        generator = epoch_generator(self.seed, epoch, self.world)
         for _ in range(self.steps):
             index = (
                 (torch.rand(len(self.dataset), generator=generator) < self.sample_rate)
@@ -47,7 +49,8 @@ class PoissonBatches:
                 .flatten()
             )
             if self.world.distributed:
-                # Every rank draws the same mask and keeps its shard (index % size == rank): each
-                # shard is Poisson-sampled at rate q, so the union is a Poisson sample of the set.
+                # Every rank draws the same mask (same seed, or rank 0's secret one broadcast) and
+                # keeps its shard (index % size == rank): each shard is Poisson-sampled at rate q,
+                # so the union is a Poisson sample of the set.
                 index = index[index % self.world.size == self.world.rank]
             yield collate(self.dataset, index) if len(index) else dict(self._empty)

@@ -3,11 +3,24 @@
 One logical (Poisson-sampled) batch -> physical batches through the clipper (clipped sums add up)
 -> one Gaussian noise draw N(0, sigma^2 C^2) per coordinate -> division by the EXPECTED batch size
 (dividing by the realised size would leak it) -> optimizer step -> one accountant step.
+
+Where the noise comes from (``seed``):
+- ``None`` (secure, the default of ``make_private``): every step draws its noise from a new
+  generator seeded with 64 fresh bits of the OS CSPRNG (``secrets``, i.e. ``getrandom``). The seed
+  and the generator's state live only for that step: they are not derived from ``run.seed``, never
+  logged and never checkpointed, so two weight snapshots and the config do not reveal the noise.
+  Re-seeding per step (rather than one long-lived stream) means that even someone who could invert
+  one step's stream learns nothing about any other step, and a checkpoint has no stream to leak.
+  torch's generators take 64-bit seeds: guessing one is a 2**64 search per step, each guess a
+  model-sized noise draw. (The Gaussian sampler itself is torch's, not a constant-time one.)
+- an int (reproducible, explicit opt-in): one generator seeded from it whose state is checkpointed,
+  so a resumed run is bit-identical. Anyone with the seed can subtract the noise.
 """
 
 from __future__ import annotations
 
 import math
+import secrets
 from typing import Any
 
 import torch
@@ -53,7 +66,7 @@ class DPStep:
         physical_batch_size: int | None = None,
         epsilon_budget: float | None = None,
         amp: str = "none",
-        seed: int = 0,
+        seed: int | None = None,
         world: World = World(),
     ):
         if amp not in AMP:
@@ -73,7 +86,8 @@ class DPStep:
         )
         self.params = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
         device = self.params[0].device
-        self.generator = torch.Generator(device=device).manual_seed(seed)
+        self.secure_rng = seed is None
+        self.generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
         self.loss_scale = 2.0**16 if amp == "fp16" else 1.0
         self.world = world
 
@@ -134,12 +148,16 @@ class DPStep:
         # clipped sum, then one flat all-reduce sums the ranks, so every rank holds the same
         # update as a single process on the union batch.
         std = self.noise_multiplier * self.clipper.max_grad_norm if self.world.is_main else 0.0
+        generator = self.generator
+        if std > 0 and generator is None:  # secure: a fresh secret seed for this step only
+            generator = torch.Generator(device=self.params[0].device)
+            generator.manual_seed(secrets.randbits(64))
         for p in self.params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
             if std > 0:
                 noise = torch.randn(
-                    p.shape, generator=self.generator, device=p.device, dtype=p.dtype
+                    p.shape, generator=generator, device=p.device, dtype=p.dtype
                 )
                 p.grad.add_(noise, alpha=std)
         if self.world.distributed:
@@ -152,13 +170,24 @@ class DPStep:
         self.optimizer.step()
 
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "accountant": self.accountant.state_dict(),
-            "noise_generator": self.generator.get_state(),
-            "loss_scale": self.loss_scale,
-        }
+        """The spent privacy and the loss scale; the noise generator only in reproducible mode."""
+        state = {"accountant": self.accountant.state_dict(), "loss_scale": self.loss_scale,
+                 "secure_rng": self.secure_rng}
+        if self.generator is not None:
+            state["noise_generator"] = self.generator.get_state()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("secure_rng") is not self.secure_rng:
+            raise ValueError(f"checkpoint was written with secure_rng={state.get('secure_rng')}, "
+                             f"this run has secure_rng={self.secure_rng}")
         self.accountant.load_state_dict(state["accountant"])
-        self.generator.set_state(state["noise_generator"].cpu())
-        self.loss_scale = float(state["loss_scale"])
+        if self.generator is not None:
+            generator = state["noise_generator"]
+            if not isinstance(generator, torch.Tensor) or generator.dtype != torch.uint8:
+                raise ValueError("checkpoint field noise_generator: expected a uint8 tensor")
+            self.generator.set_state(generator.cpu())
+        scale = state["loss_scale"]
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
+            raise ValueError(f"checkpoint field loss_scale: expected a positive number, got {scale!r}")
+        self.loss_scale = float(scale)

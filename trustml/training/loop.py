@@ -4,6 +4,7 @@ the objective, the gradient step, the batch source and extra stateful objects (A
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 import time
@@ -16,6 +17,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from trustml.config import ConfigError
 from trustml.training.checkpoint import CheckpointError, load_state, save_state
 from trustml.training.distributed import World
 
@@ -59,6 +61,53 @@ class MetricsLog:
             handle.write(json.dumps(record) + "\n")
 
 
+def read_log(path: Path) -> list[dict[str, Any]]:
+    """The records of ``metrics.jsonl`` (a line cut short by a crash is skipped)."""
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
+
+
+def _count(saved: dict[str, Any], key: str) -> int:
+    value = saved[key]
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"checkpoint field {key!r}: expected an integer >= 0, got {value!r}")
+    return value
+
+
+def _position(saved: dict[str, Any], records: list[dict[str, Any]],
+              per_epoch: int) -> tuple[int, int, int, list[dict[str, Any]]]:
+    """(epoch, batches done in it, step, epoch history) of a checkpoint, type-checked and
+    cross-checked with the metrics log, where the loop wrote the same position just before."""
+    epoch, done, step = _count(saved, "epoch"), _count(saved, "batch"), _count(saved, "step")
+    history = saved["history"]
+    if not isinstance(history, list) or not all(isinstance(r, dict) for r in history):
+        raise ValueError("checkpoint field 'history': expected a list of epoch records")
+    if done >= per_epoch:
+        raise ValueError(f"checkpoint field 'batch': {done} batches done in an epoch of "
+                         f"{per_epoch}")
+    if len(history) != epoch or any(r.get("epoch") != i + 1 for i, r in enumerate(history)):
+        raise ValueError(f"checkpoint field 'epoch' ({epoch}) disagrees with its {len(history)} "
+                         "epoch records")
+    if step < (history[-1].get("step", 0) if history else 0):
+        raise ValueError(f"checkpoint field 'step' ({step}) is before its last epoch record")
+    written = {"epoch": epoch + (1 if done else 0), "step": step,
+               "partial_batches": done or None}
+    if step and not any("event" not in r and all(r.get(k) == v for k, v in written.items())
+                        for r in records):
+        raise ValueError(f"checkpoint position (epoch {epoch}, batch {done}, step {step}) is not "
+                         "in the metrics log")
+    return epoch, done, step, history
+
+
 def fit(model: nn.Module, objective, step, batches, *, epochs: int, run_dir: str | Path,
         state: dict[str, Any] | None = None, evaluate: Callable[[], dict[str, float]] | None = None,
         max_steps: int | None = None, log_every: int = 50, checkpoint_every: int = 1,
@@ -67,7 +116,10 @@ def fit(model: nn.Module, objective, step, batches, *, epochs: int, run_dir: str
 
     ``state`` maps names to objects with ``state_dict``/``load_state_dict`` (optimizer, privacy
     accountant, ...) that are checkpointed with the model. With ``resume`` the latest checkpoint in
-    ``run_dir/checkpoint`` is restored, RNG states included, so the run continues exactly.
+    ``run_dir/checkpoint`` is restored, RNG states included, and the run continues exactly where it
+    stopped, mid-epoch included (the consumed batches of the epoch are skipped). A stateful object
+    may define ``restored(step, log_records)`` to cross-check what it restored, and ``describe()``
+    for the start/resume records of the log.
     Under ``torchrun`` only rank 0 writes logs and checkpoints and shows progress.
     """
     run_dir = Path(run_dir)
@@ -77,26 +129,49 @@ def fit(model: nn.Module, objective, step, batches, *, epochs: int, run_dir: str
     progress = progress and world.is_main
     device = next(model.parameters()).device
     core = getattr(model, "module", model)  # checkpoints hold the bare model, not a DDP wrapper
-    start_epoch, global_step, history = 0, 0, []
+    per_epoch = len(batches)
+    start_epoch, skip, global_step, history = 0, 0, 0, []
     if resume:
         saved = load_state(run_dir / "checkpoint")
+        records = read_log(run_dir / "metrics.jsonl")
         try:
+            extra = saved["extra"]
+            if not isinstance(extra, dict):
+                raise ValueError("checkpoint field 'extra': expected a mapping")
+            for name, obj in state.items():  # the config record first: it names what changed
+                if name in extra:
+                    obj.load_state_dict(extra[name])
+            if set(extra) != set(state):
+                raise ValueError(f"it holds state for {sorted(extra)}, this run for "
+                                 f"{sorted(state)}")
             core.load_state_dict(saved["model"])
-            for name, obj in state.items():
-                obj.load_state_dict(saved["extra"][name])
             set_rng_state(saved["rng"])
-            start_epoch, global_step, history = saved["epoch"], saved["step"], saved["history"]
-        except (KeyError, RuntimeError, ValueError) as err:
+            start_epoch, skip, global_step, history = _position(saved, records, per_epoch)
+        except ConfigError:
+            raise
+        except (KeyError, RuntimeError, ValueError, TypeError, IndexError) as err:
             first = str(err).strip().splitlines()[0]
             raise CheckpointError(f"checkpoint in {str(run_dir)!r} does not fit this run's "
                                   f"model/optimizer/privacy settings: {first}") from None
-        log.write({"event": "resume", "epoch": start_epoch, "step": global_step})
+        for name, obj in state.items():
+            if hasattr(obj, "restored"):
+                try:
+                    obj.restored(global_step, records)
+                except ValueError as err:
+                    raise CheckpointError(f"resume of {str(run_dir)!r} ({name}): {err}") from None
+    described = {name: obj.describe() for name, obj in state.items() if hasattr(obj, "describe")}
+    log.write({"event": "resume" if resume else "start", "epoch": start_epoch, "batch": skip,
+               "step": global_step, **described})
 
-    stopped = None
+    stopped, partial = None, None
     began = time.perf_counter()
     for epoch in range(start_epoch, epochs):
         model.train()
-        bar = tqdm(batches.batches(epoch), total=len(batches), disable=not progress,
+        done = skip if epoch == start_epoch else 0
+        source = batches.batches(epoch)
+        if done:  # resumed mid-epoch: the order is a function of (seed, epoch); skip what was done
+            source = itertools.islice(source, done, None)
+        bar = tqdm(source, total=per_epoch, initial=done, disable=not progress,
                    desc=f"epoch {epoch + 1}/{epochs}", leave=False, dynamic_ncols=True)
         last: dict[str, float] = {}
         for batch in bar:
@@ -106,6 +181,7 @@ def fit(model: nn.Module, objective, step, batches, *, epochs: int, run_dir: str
                 break
             last = step.step(model, objective, to_device(batch, device))
             global_step += 1
+            done += 1
             if global_step % log_every == 0:
                 log.write({"step": global_step, "epoch": epoch, **last})
                 bar.set_postfix({k: f"{v:.4g}" for k, v in last.items()})
@@ -113,17 +189,24 @@ def fit(model: nn.Module, objective, step, batches, *, epochs: int, run_dir: str
                 stopped = f"reached train.max_steps={max_steps}"
                 break
         bar.close()
+        complete = not stopped or done >= per_epoch
         record = {"epoch": epoch + 1, "step": global_step, **last,
                   **(evaluate() if evaluate else {})}
-        history.append(record)
+        if complete:
+            history.append(record)
+        else:  # the epoch is unfinished: recorded as such, and resumed from batch `done`
+            record["partial_batches"] = partial_done = done
+            partial = record
         log.write(record)
         if progress:
             tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                 for k, v in record.items()))
         checkpoint_now = (epoch + 1) % checkpoint_every == 0 or epoch + 1 == epochs or stopped
         if checkpoint_now and world.is_main:
-            save_state({"model": core.state_dict(), "rng": rng_state(), "epoch": epoch + 1,
-                        "step": global_step, "history": history,
+            save_state({"model": core.state_dict(), "rng": rng_state(),
+                        "epoch": epoch + 1 if complete else epoch,
+                        "batch": 0 if complete else partial_done, "step": global_step,
+                        "history": history,
                         "extra": {name: obj.state_dict() for name, obj in state.items()}},
                        run_dir / "checkpoint")
         if stopped:
@@ -131,4 +214,5 @@ def fit(model: nn.Module, objective, step, batches, *, epochs: int, run_dir: str
     if stopped:
         log.write({"event": "stopped", "reason": stopped, "step": global_step})
     return {"epochs_completed": len(history), "steps": global_step, "stopped": stopped,
-            "history": history, "train_seconds": time.perf_counter() - began}
+            "history": history, "partial_epoch": partial,
+            "train_seconds": time.perf_counter() - began}
