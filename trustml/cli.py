@@ -13,7 +13,7 @@ from pathlib import Path
 
 from trustml import config as cfgmod
 from trustml.config import ConfigError
-from trustml.training import distributed
+from trustml.training import distributed, rundir
 from trustml.training.checkpoint import CheckpointError
 
 # run.experiment -> "module:function" taking (config, run_dir) and returning a summary dict.
@@ -91,9 +91,10 @@ def train_main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"run.experiment={config.run.experiment!r} is a single-process "
                               "driver; launch it without torchrun (run.experiment=train scales)")
         run_dir = Path(args.run_dir) if args.run_dir else make_run_dir(config)
-        run_dir.mkdir(parents=True, exist_ok=True)
+        rundir.claim(run_dir)
         cfgmod.save(config, run_dir / "config.yaml")
         summary = _resolve(EXPERIMENTS[config.run.experiment])(config, run_dir)
+        rundir.release(run_dir)
     if distributed.current().is_main:  # under torchrun, rank 0 speaks for all
         shown = {k: v for k, v in summary.items() if not isinstance(v, (list, dict))}
         print(json.dumps(shown, indent=2, default=str))
