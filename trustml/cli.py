@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import json
 import sys
@@ -28,6 +29,10 @@ EXPERIMENTS: dict[str, str] = {
 }
 
 
+# OSErrors that are the machine's state, not a bug: a full disk, a read-only or forbidden folder.
+DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
 def _resolve(spec: str) -> Callable:
     module, _, name = spec.partition(":")
     return getattr(importlib.import_module(module), name)
@@ -42,6 +47,19 @@ def _guarded(main: Callable[[list[str] | None], int]) -> Callable[[list[str] | N
         except (ConfigError, CheckpointError) as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
+        except OSError as err:
+            if err.errno not in DISK_ERRORS:
+                raise
+            where = f" {err.filename!r}" if err.filename else ""
+            print(f"error: cannot write{where}: {err.strerror or err} (check the space and "
+                  "permissions of run.output_dir / --run-dir)", file=sys.stderr)
+            return 2
+        except RuntimeError as err:
+            timeout = distributed.peer_timeout(err)
+            if timeout is None:
+                raise
+            print(f"error: {timeout}", file=sys.stderr)
+            return 1
         except KeyboardInterrupt:
             print("interrupted: resume with --resume <run dir>", file=sys.stderr)
             return 130

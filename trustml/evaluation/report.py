@@ -102,7 +102,7 @@ def evaluate_run(run_dir: str | Path, attacks: list[str] | None = None,
     """Evaluate ``run_dir``; ``attacks`` overrides ``attack.attacks`` of the run's config. Under
     torchrun the ranks share the attacks' reference models; rank 0 alone evaluates and writes."""
     ctx = load_run(run_dir, device)
-    world = distributed.setup(ctx.device)
+    world = distributed.setup(ctx.device, ctx.config.run.dist_timeout_s)
     ctx.device = distributed.rank_device(ctx.device, world)
     ctx.model.to(ctx.device)
     sections: list[ReportSection] = []

@@ -160,7 +160,7 @@ def run_training(config: Config, run_dir: str | Path | None = None, resume: bool
     if resume and run_dir is None:
         raise ConfigError("--resume needs the run directory to continue")
     device = resolve_device(config.run.device)
-    world = distributed.setup(device)
+    world = distributed.setup(device, config.run.dist_timeout_s)
     device = distributed.rank_device(device, world)
     run_dir = Path(distributed.broadcast(
         str(run_dir) if run_dir is not None else str(make_run_dir(config)), world))
