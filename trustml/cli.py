@@ -99,8 +99,17 @@ def train_main(argv: list[str] | None = None) -> int:
     if config.run.experiment == "train":
         from trustml.training.run import run_training
 
-        result = run_training(config, args.run_dir or run_dir, resume=bool(args.resume),
-                              progress=not args.quiet)
+        try:
+            result = run_training(config, args.run_dir or run_dir, resume=bool(args.resume),
+                                  progress=not args.quiet)
+        except (TypeError, AttributeError, KeyError, IndexError) as err:
+            if not args.resume:
+                raise
+            # the checkpoint's JSON feeds the loop (epoch, step, history): a field of the wrong
+            # type surfaces here, wherever the loop first uses it
+            raise CheckpointError(f"--resume: the checkpoint in {args.resume!r} holds a field of "
+                                  f"the wrong type ({type(err).__name__}: {err}); it was edited "
+                                  "or is damaged") from None
         run_dir, summary = result.run_dir, result.summary
     else:
         from trustml.training.run import make_run_dir

@@ -88,7 +88,8 @@ class TrainConfig(Section):
     epochs: int = Field(5, ge=0, description="passes over the training data")
     batch_size: int = Field(256, ge=1, description="(expected, with DP) logical batch size")
     optimizer: Literal["sgd", "adam", "adamw"] = Field("adam", description="optimizer")
-    lr: float = Field(1e-3, gt=0, description="learning rate")
+    lr: float = Field(1e-3, gt=0, le=3.4e38, description="learning rate (at most the float32 "
+                      "maximum; a diverging run stops with an error naming the step)")
     weight_decay: float = Field(0.0, ge=0, description="weight decay")
     momentum: float = Field(0.0, ge=0, description="SGD momentum")
     max_steps: int | None = Field(None, ge=1, description="stop after this many steps in total")
