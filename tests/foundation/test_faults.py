@@ -199,6 +199,23 @@ def test_bad_rows_dropped_only_when_asked_and_counted(adult_dir, adult_rows, tmp
     assert summary["data"]["rows_train_file"] == 298 and summary["data"]["rows_test_file"] == 148
 
 
+@pytest.mark.parametrize("code", ["A99", ""])
+def test_german_unknown_group_code(code, tmp_path, capsys):
+    """German credit's sex comes from the personal-status code: an undefined code has no group."""
+    import gzip
+
+    with gzip.open(FILES / "german.data.gz", "rt") as handle:
+        rows = handle.read().splitlines()[:100]
+    cells = rows[6].split(" ")
+    cells[8] = code or "?"
+    rows[6] = " ".join(cells)
+    (tmp_path / "german.data").write_text("\n".join(rows) + "\n")
+    result = cli.train_main(["--config", str(ROOT / "configs" / "german.yaml"), "--run-dir",
+                             str(tmp_path / "run"), "--quiet", "--set", f"data.path={tmp_path}",
+                             "run.device=cpu"])
+    one_line_error(capsys, result, str(tmp_path / "german.data"), "line 7", "'personal-status'")
+
+
 def test_non_utf8_adult_file_names_the_byte(adult_dir, tmp_path, capsys):
     data = (adult_dir / "adult.data").read_bytes()
     cut = data.index(b"Private")
@@ -266,21 +283,27 @@ def _hold(run_dir: Path) -> subprocess.Popen:
     return proc
 
 
-@pytest.mark.parametrize("mode", ["run_dir", "resume"])
+@pytest.mark.parametrize("mode", ["run_dir", "resume", "evaluate"])
 def test_second_run_into_live_run_dir_is_refused(mode, adult_dir, tmp_path, capsys):
+    """Another process holds the run directory: training into it, resuming it or evaluating it
+    (which writes eval/ and reads weights still being written) is refused."""
     run_dir = tmp_path / "run"
-    if mode == "resume":  # a finished run, then a live process holding it
+    if mode != "run_dir":  # a finished run, then a live process holding it
         assert cli.train_main(["--config", ADULT, "--run-dir", str(run_dir), *tiny(adult_dir)]) == 0
     holder = _hold(run_dir)
     try:
-        before = sorted(p.name for p in run_dir.iterdir())
-        args = (["--config", ADULT, "--resume", str(run_dir), "--quiet"] if mode == "resume" else
-                ["--config", ADULT, "--run-dir", str(run_dir), *tiny(adult_dir)])
+        before = {p.name: p.stat().st_mtime_ns for p in run_dir.iterdir() if p.is_file()}
         capsys.readouterr()
-        code = cli.train_main(args)
+        if mode == "evaluate":
+            code = cli.evaluate_main(["--run", str(run_dir), "--device", "cpu"])
+        else:
+            code = cli.train_main(["--config", ADULT, "--resume", str(run_dir), "--quiet"]
+                                  if mode == "resume" else
+                                  ["--config", ADULT, "--run-dir", str(run_dir), *tiny(adult_dir)])
         one_line_error(capsys, code, "in use by a live run", f"PID {holder.pid}",
                        socket.gethostname())
-        assert sorted(p.name for p in run_dir.iterdir()) == before  # nothing written
+        after = {p.name: p.stat().st_mtime_ns for p in run_dir.iterdir() if p.is_file()}
+        assert after == before  # no file written or touched
     finally:
         holder.kill()
         holder.wait()

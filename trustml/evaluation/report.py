@@ -18,7 +18,7 @@ from torch import nn
 
 from trustml import config as cfgmod
 from trustml.config import Config, ConfigError
-from trustml.training import distributed
+from trustml.training import distributed, rundir
 from trustml.training.checkpoint import CheckpointError, load_model
 
 
@@ -124,6 +124,7 @@ def evaluate_run(run_dir: str | Path, attacks: list[str] | None = None,
     torchrun the ranks share the attacks' reference models; rank 0 alone evaluates and writes."""
     ctx = load_run(run_dir, device)
     world = distributed.setup(ctx.device, ctx.config.run.dist_timeout_s)
+    rundir.claim_on_main(ctx.run_dir, world)  # never evaluate a run that is still training
     ctx.device = distributed.rank_device(ctx.device, world)
     ctx.model.to(ctx.device)
     sections: list[ReportSection] = []
@@ -143,4 +144,7 @@ def evaluate_run(run_dir: str | Path, attacks: list[str] | None = None,
         section = evaluate_attacks(ctx, attacks)
         if section is not None:
             sections.append(section)
-    return write_report(ctx, sections)
+    path = write_report(ctx, sections)
+    if world.is_main:
+        rundir.release(ctx.run_dir)
+    return path

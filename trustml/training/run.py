@@ -166,8 +166,7 @@ def run_training(config: Config, run_dir: str | Path | None = None, resume: bool
         str(run_dir) if run_dir is not None else str(make_run_dir(config)), world))
     if resume and not (run_dir / "checkpoint").is_dir():
         raise ConfigError(f"--resume: {str(run_dir)!r} has no checkpoint/ to resume from")
-    if world.is_main:  # rank 0 alone writes the run directory
-        rundir.claim(run_dir)
+    rundir.claim_on_main(run_dir, world)  # one run per run directory
     seed_everything(config.run.seed)
     parts = build_parts(config)
     model = parts.model.to(device)

@@ -9,7 +9,8 @@ with a warning. A lock file naming another host cannot be checked from here (flo
 across network file systems), so it is refused with the command that clears it.
 
 The claim is held until ``release`` or the end of the process, and is re-entrant within a process
-(an experiment driver may train into a directory it already holds).
+(an experiment driver may train into a directory it already holds): each ``claim`` needs its
+``release``, and the last one gives the directory back.
 """
 
 from __future__ import annotations
@@ -23,9 +24,10 @@ import sys
 from pathlib import Path
 
 from trustml.config import ConfigError
+from trustml.training.distributed import World, broadcast
 
 LOCK_NAME = "run.lock"
-_HELD: dict[Path, int] = {}  # resolved run dir -> open, flocked file descriptor
+_HELD: dict[Path, list[int]] = {}  # resolved run dir -> [flocked file descriptor, claims]
 
 
 def _holder(text: str) -> dict | None:
@@ -48,6 +50,7 @@ def claim(run_dir: str | Path) -> Path:
         run_dir.mkdir(parents=True, exist_ok=True)
         key = run_dir.resolve()
         if key in _HELD:
+            _HELD[key][1] += 1
             return key / LOCK_NAME
         fd = os.open(key / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as err:
@@ -81,15 +84,33 @@ def claim(run_dir: str | Path) -> Path:
         os.close(fd)
         raise ConfigError(f"run directory {str(run_dir)!r}: cannot write its lock file "
                           f"({err.strerror or err})") from None
-    _HELD[key] = fd
+    _HELD[key] = [fd, 1]
     return path
+
+
+def claim_on_main(run_dir: str | Path, world: World) -> None:
+    """Under torchrun rank 0 alone writes, so it alone claims; its refusal is broadcast and raised
+    on every rank, so no rank is left waiting for the others in a collective."""
+    refusal = None
+    if world.is_main:
+        try:
+            claim(run_dir)
+        except ConfigError as err:
+            refusal = str(err)
+    refusal = broadcast(refusal, world)
+    if refusal is not None:
+        raise ConfigError(refusal)
 
 
 def release(run_dir: str | Path) -> None:
     """Give ``run_dir`` back: the lock file is emptied (a finished run leaves no holder behind)."""
-    fd = _HELD.pop(Path(run_dir).resolve(), None)
-    if fd is None:
+    key = Path(run_dir).resolve()
+    if key not in _HELD:
         return
+    _HELD[key][1] -= 1
+    if _HELD[key][1] > 0:
+        return
+    fd = _HELD.pop(key)[0]
     try:
         os.ftruncate(fd, 0)
     except OSError:  # a full or read-only disk: the flock below still goes
