@@ -137,7 +137,8 @@ def _open(path: Path) -> Table:
             data = handle.read()
         text = data.decode("utf-8")
     except UnicodeDecodeError as err:
-        raise ConfigError(f"data file {str(path)!r}: byte {err.start} is not UTF-8 "
+        where = " of the decompressed text" if path.suffix == ".gz" else ""
+        raise ConfigError(f"data file {str(path)!r}: byte {err.start}{where} is not UTF-8 "
                           f"({data[err.start:err.start + 4]!r})") from None
     except (OSError, EOFError) as err:  # e.g. a truncated or fake .gz
         raise ConfigError(f"data file {str(path)!r} is unreadable: {err}") from None
