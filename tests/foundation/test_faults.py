@@ -338,18 +338,25 @@ def _read_only(folder: Path) -> bool:
     return done.returncode == 0
 
 
-def test_read_only_output_dir(adult_dir, tmp_path, capsys):
-    parent = tmp_path / "ro"
-    parent.mkdir()
-    if not _read_only(parent):
+@pytest.mark.parametrize("mode", ["new_run", "resume"])
+def test_read_only_run_dir(mode, finished_run, adult_dir, tmp_path, capsys):
+    """A new run under a read-only folder, or a resume of a run whose folder became read-only."""
+    if mode == "new_run":
+        folder = tmp_path / "ro"
+        folder.mkdir()
+        args = ["--config", ADULT, "--run-dir", str(folder / "run"), *tiny(adult_dir)]
+        needles = ("not writable", str(folder / "run"))
+    else:
+        folder = _copy(finished_run, tmp_path)
+        args = ["--config", ADULT, "--resume", str(folder), "--quiet", "--set", "train.epochs=2"]
+        needles = (str(folder),)
+    if not _read_only(folder):
         pytest.skip("cannot make a read-only folder here")
     try:
-        code = cli.train_main(["--config", ADULT, "--run-dir", str(parent / "run"),
-                               *tiny(adult_dir)])
-        one_line_error(capsys, code, "not writable", str(parent / "run"))
+        one_line_error(capsys, cli.train_main(args), *needles)
     finally:
-        subprocess.run(["chattr", "-i", str(parent)], capture_output=True)
-        parent.chmod(0o755)
+        subprocess.run(["chattr", "-i", str(folder)], capture_output=True)
+        folder.chmod(0o755)
 
 
 @pytest.mark.parametrize("where", ["config", "checkpoint", "weights", "summary"])
