@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import json
 import sys
@@ -13,7 +14,7 @@ from pathlib import Path
 
 from trustml import config as cfgmod
 from trustml.config import ConfigError
-from trustml.training import distributed
+from trustml.training import distributed, rundir
 from trustml.training.checkpoint import CheckpointError
 
 # run.experiment -> "module:function" taking (config, run_dir) and returning a summary dict.
@@ -26,6 +27,10 @@ EXPERIMENTS: dict[str, str] = {
     "fair_postprocess": "trustml.fairness.experiments:wasserstein",
     "fair_ferm": "trustml.fairness.experiments:ferm",
 }
+
+
+# OSErrors that are the machine's state, not a bug: a full disk, a read-only or forbidden folder.
+DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 
 
 def _resolve(spec: str) -> Callable:
@@ -42,6 +47,19 @@ def _guarded(main: Callable[[list[str] | None], int]) -> Callable[[list[str] | N
         except (ConfigError, CheckpointError) as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
+        except OSError as err:
+            if err.errno not in DISK_ERRORS:
+                raise
+            where = f" {err.filename!r}" if err.filename else ""
+            print(f"error: cannot write{where}: {err.strerror or err} (check the space and "
+                  "permissions of run.output_dir / --run-dir)", file=sys.stderr)
+            return 2
+        except RuntimeError as err:
+            timeout = distributed.peer_timeout(err)
+            if timeout is None:
+                raise
+            print(f"error: {timeout}", file=sys.stderr)
+            return 1
         except KeyboardInterrupt:
             print("interrupted: resume with --resume <run dir>", file=sys.stderr)
             return 130
@@ -97,8 +115,17 @@ def train_main(argv: list[str] | None = None) -> int:
     if config.run.experiment == "train":
         from trustml.runner import run_training
 
-        result = run_training(config, args.run_dir or run_dir, resume=bool(args.resume),
-                              progress=not args.quiet)
+        try:
+            result = run_training(config, args.run_dir or run_dir, resume=bool(args.resume),
+                                  progress=not args.quiet)
+        except (TypeError, AttributeError, KeyError, IndexError) as err:
+            if not args.resume:
+                raise
+            # the checkpoint's JSON feeds the loop (epoch, step, history): a field of the wrong
+            # type surfaces here, wherever the loop first uses it
+            raise CheckpointError(f"--resume: the checkpoint in {args.resume!r} holds a field of "
+                                  f"the wrong type ({type(err).__name__}: {err}); it was edited "
+                                  "or is damaged") from None
         run_dir, summary = result.run_dir, result.summary
     else:
         from trustml.runner import make_run_dir
@@ -110,9 +137,10 @@ def train_main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"run.experiment={config.run.experiment!r} is a single-process "
                               "driver; launch it without torchrun (run.experiment=train scales)")
         run_dir = Path(args.run_dir) if args.run_dir else make_run_dir(config)
-        run_dir.mkdir(parents=True, exist_ok=True)
+        rundir.claim(run_dir)
         cfgmod.save(config, run_dir / "config.yaml")
         summary = _resolve(EXPERIMENTS[config.run.experiment])(config, run_dir)
+        rundir.release(run_dir)
     if distributed.current().is_main:  # under torchrun, rank 0 speaks for all
         shown = {k: v for k, v in summary.items() if not isinstance(v, (list, dict))}
         print(json.dumps(shown, indent=2, default=str))

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -24,11 +24,15 @@ class Section(BaseModel):
 
 class RunConfig(Section):
     name: str = Field("run", description="run name; the run directory is <output_dir>/<name>-<time>")
-    seed: int = Field(0, description="seeds torch, numpy, python and every sampler")
+    seed: int = Field(0, ge=0, lt=2**32, description="seeds torch, numpy, python and every sampler "
+                      "(0 <= seed < 2**32, the range numpy and scikit-learn accept)")
     output_dir: str = Field("runs", description="parent folder of run directories")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when available")
     checkpoint_every: int = Field(1, ge=1, description="epochs between checkpoints")
     experiment: str = Field("train", description="'train' or a driver in trustml.cli.EXPERIMENTS")
+    dist_timeout_s: float = Field(
+        600.0, gt=0, description="torchrun: seconds a rank waits for a silent peer before every rank "
+        "stops with an error (env TRUSTML_DIST_TIMEOUT_S overrides)")
 
 
 class DataConfig(Section):
@@ -45,6 +49,16 @@ class DataConfig(Section):
     tokenizer: str = Field("gpt2", description="gpt2 (offline BPE), a local folder or hub name")
     seq_len: int = Field(64, ge=2, description="tokens per language-model sample")
     text_path: str | None = Field(None, description="local UTF-8 text file for dataset: text")
+    text_errors: Literal["strict", "replace"] = Field(
+        "strict", description="text_path bytes that are not UTF-8: strict (error naming the byte "
+        "offset) or replace (U+FFFD, count reported in summary.json)")
+    drop_bad_rows: bool = Field(
+        False, description="tabular rows with missing/NaN/inf/non-numeric cells or unknown labels: "
+        "false = error naming file, line and column; true = drop them (count in summary.json)")
+    revision: str | None = Field(None, description="hub revision (branch, tag or commit) of "
+                                 "data.path hf:...; written to summary.json")
+    tokenizer_revision: str | None = Field(
+        None, description="hub revision of data.tokenizer; the resolved one is in summary.json")
 
 
 class ModelConfig(Section):
@@ -56,15 +70,26 @@ class ModelConfig(Section):
     norm: Literal["none", "layer", "group"] = Field(
         "none", description="MLP normalisation (BatchNorm is not offered: it breaks DP)")
     name: str | None = Field(None, description="GPT-2: hub name or local folder to load")
+    revision: str | None = Field(None, description="hub revision (branch, tag or commit) of "
+                                 "model.name; the resolved one is written to summary.json")
     config: dict[str, Any] = Field(default_factory=dict,
                                    description="GPT-2: GPT2Config fields to train from scratch")
+
+
+    @field_validator("hidden")
+    @classmethod
+    def _positive_widths(cls, hidden: list[int]) -> list[int]:
+        if not hidden or any(h < 1 for h in hidden):
+            raise ValueError("expected a non-empty list of layer widths >= 1")
+        return hidden
 
 
 class TrainConfig(Section):
     epochs: int = Field(5, ge=0, description="passes over the training data")
     batch_size: int = Field(256, ge=1, description="(expected, with DP) logical batch size")
     optimizer: Literal["sgd", "adam", "adamw"] = Field("adam", description="optimizer")
-    lr: float = Field(1e-3, gt=0, description="learning rate")
+    lr: float = Field(1e-3, gt=0, le=3.4e38, description="learning rate (at most the float32 "
+                      "maximum; a diverging run stops with an error naming the step)")
     weight_decay: float = Field(0.0, ge=0, description="weight decay")
     momentum: float = Field(0.0, ge=0, description="SGD momentum")
     max_steps: int | None = Field(None, ge=1, description="stop after this many steps in total")
@@ -124,6 +149,8 @@ class FairnessConfig(Section):
 class DistillConfig(Section):
     enabled: bool = False
     teacher: str | None = None
+    teacher_revision: str | None = Field(
+        None, description="hub revision of distill.teacher; the resolved one is in summary.json")
     student_layers: list[int] | None = None
     alpha_kd: float = Field(1.0, ge=0)
     alpha_lm: float = Field(0.0, ge=0)
@@ -144,7 +171,8 @@ class AttackConfig(Section):
                                "loss, zlib, min_k, min_k_pp, reference (LM)")
     n_reference: int = Field(16, ge=1, description="reference (shadow) models")
     n_population: int = Field(1000, ge=1, description="RMIA population samples z")
-    fpr: list[float] = Field(default_factory=lambda: [0.01, 0.001, 0.0001])
+    fpr: list[float] = Field(default_factory=lambda: [0.01, 0.001, 0.0001],
+                             description="false-positive rates of the TPR@FPR table, each in (0, 1)")
     n_targets: int | None = Field(2000, ge=1, description="members scored (as many non-members)")
     online: bool = Field(True, description="LiRA/RMIA with IN reference models (else offline)")
     rmia_gamma: float = Field(1.0, gt=0)
@@ -161,6 +189,14 @@ class AttackConfig(Section):
     canary_corpus: int = Field(4000, ge=10, description="generated sentences the canaries hide in")
 
 
+    @field_validator("fpr")
+    @classmethod
+    def _rates(cls, fpr: list[float]) -> list[float]:
+        if any(not 0.0 < f < 1.0 for f in fpr):
+            raise ValueError("expected false-positive rates strictly between 0 and 1")
+        return fpr
+
+
 class Config(Section):
     run: RunConfig = Field(default_factory=RunConfig)
     data: DataConfig = Field(default_factory=DataConfig)
@@ -170,6 +206,13 @@ class Config(Section):
     fairness: FairnessConfig = Field(default_factory=FairnessConfig)
     distill: DistillConfig = Field(default_factory=DistillConfig)
     attack: AttackConfig = Field(default_factory=AttackConfig)
+
+    @model_validator(mode="after")
+    def _dp_trains(self) -> "Config":
+        if self.privacy.enabled and self.train.epochs == 0:
+            raise ValueError("train.epochs=0 with privacy.enabled would save an untrained model "
+                             "as a DP result; set train.epochs >= 1")
+        return self
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
@@ -188,7 +231,12 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r}: {part!r} is set to a value and a section")
-        node[leaf] = yaml.safe_load(raw) if raw != "" else None
+        try:
+            node[leaf] = yaml.safe_load(raw) if raw != "" else None
+        except yaml.YAMLError as err:
+            where = str(err.problem) if hasattr(err, "problem") else type(err).__name__
+            raise ConfigError(f"override {item!r}: the value is not valid YAML ({where}); quote "
+                              "strings that contain ':', '[' or '{'") from None
     return tree
 
 
@@ -207,9 +255,12 @@ def _describe(error: ValidationError) -> str:
     key = ".".join(str(p) for p in first["loc"]) or "<root>"
     if first["type"] == "extra_forbidden":
         return f"config key {key!r} is unknown"
+    message = first["msg"].removeprefix("Value error, ")
+    if not first["loc"]:  # a check across sections names its keys itself
+        return f"config: {message}"
     given = first.get("input")
     shown = "" if isinstance(given, dict) else f" (got {given!r})"
-    return f"config key {key!r}: {first['msg']}{shown}"
+    return f"config key {key!r}: {message}{shown}"
 
 
 def from_dict(raw: dict[str, Any]) -> Config:
@@ -225,7 +276,8 @@ def load(path: str | Path | None, overrides: list[str] | None = None) -> Config:
     if path is not None:
         path = Path(path)
         if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist")
+            what = "is a directory" if path.is_dir() else "does not exist"
+            raise ConfigError(f"config file {str(path)!r} {what}")
         try:
             raw = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as err:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,8 @@ from torch import nn
 from trustml import config as cfgmod
 from trustml.config import Config, ConfigError
 from trustml.data.sampling import ShardedBatches, ShuffledBatches, sequential_batches
-from trustml.training import distributed
+from trustml.hub import run_revisions
+from trustml.training import distributed, rundir
 from trustml.training.checkpoint import checkpoint_exists, save_model
 from trustml.training.loop import fit, seed_everything
 from trustml.training.objectives import ClassificationObjective, LMObjective
@@ -43,6 +44,7 @@ class Parts:
     val: torch.utils.data.Dataset
     data: Any = None  # TabularData for tabular runs
     tokenizer: Any = None
+    meta: dict[str, Any] = field(default_factory=dict)  # data provenance for summary.json
 
 
 def resolve_device(name: str) -> torch.device:
@@ -72,11 +74,12 @@ def build_parts(config: Config) -> Parts:
         n_classes = int(data.train.y.max()) + 1
         model = MLP(data.n_features, config.model.hidden, max(n_classes, 2),
                     config.model.activation, config.model.dropout, config.model.norm)
-        return Parts(model, ClassificationObjective(), data.train, data.val, data=data)
+        meta = {**data.meta, "revisions": run_revisions(config)}
+        return Parts(model, ClassificationObjective(), data.train, data.val, data=data, meta=meta)
     from trustml.data.text import lm_datasets, load_tokenizer
     from trustml.models.lm import build_lm
 
-    tokenizer = load_tokenizer(config.data.tokenizer)
+    tokenizer = load_tokenizer(config.data.tokenizer, config.data.tokenizer_revision)
     train, val = lm_datasets(config.data, tokenizer)
     if config.distill.enabled:
         from trustml.distill.objective import build_distillation
@@ -84,7 +87,8 @@ def build_parts(config: Config) -> Parts:
         model, objective = build_distillation(config, tokenizer)
     else:
         model, objective = build_lm(config.model, len(tokenizer)), LMObjective()
-    return Parts(model, objective, train, val, tokenizer=tokenizer)
+    meta = {**train.meta, "revisions": run_revisions(config, tokenizer)}
+    return Parts(model, objective, train, val, tokenizer=tokenizer, meta=meta)
 
 
 @torch.no_grad()
@@ -100,6 +104,18 @@ def mean_loss(model: nn.Module, objective, dataset, batch_size: int,
         count += len(out.losses)
     model.train(was_training)
     return total / max(count, 1)
+
+
+def finite_json(value: Any) -> Any:
+    """``value`` with NaN and inf floats as None: summary.json stays strict JSON (a literal NaN
+    breaks most parsers other than Python's)."""
+    if isinstance(value, float):
+        return value if np.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_json(v) for v in value]
+    return value
 
 
 def make_run_dir(config: Config) -> Path:
@@ -130,12 +146,13 @@ def run_training(config: Config, run_dir: str | Path | None = None, resume: bool
     if resume and run_dir is None:
         raise ConfigError("--resume needs the run directory to continue")
     device = resolve_device(config.run.device)
-    world = distributed.setup(device)
+    world = distributed.setup(device, config.run.dist_timeout_s)
     device = distributed.rank_device(device, world)
     run_dir = Path(distributed.broadcast(
         str(run_dir) if run_dir is not None else str(make_run_dir(config)), world))
     if resume and not checkpoint_exists(run_dir / "checkpoint"):
         raise ConfigError(f"--resume: {str(run_dir)!r} has no checkpoint/ to resume from")
+    rundir.claim_on_main(run_dir, world)  # one run per run directory
     seed_everything(config.run.seed)
     parts = build_parts(config)
     model = parts.model.to(device)
@@ -179,12 +196,15 @@ def run_training(config: Config, run_dir: str | Path | None = None, resume: bool
     from trustml.evaluation.tabular import predict_scores  # lazy: pulls in matplotlib
 
     def evaluate() -> dict[str, float]:
-        metrics = {"val_loss": mean_loss(model, parts.objective, parts.val,
-                                         config.train.batch_size, device)}
-        if parts.data is not None:
+        if len(parts.val) == 0:  # data.val_fraction=0: no val metrics (the summary says why)
+            metrics = {}
+        else:
+            metrics = {"val_loss": mean_loss(model, parts.objective, parts.val,
+                                             config.train.batch_size, device)}
+        if parts.data is not None and metrics:
             scores = predict_scores(model, parts.data.val.x, device)
             metrics["val_accuracy"] = float(((scores >= 0.5) == parts.data.val.y.numpy()).mean())
-        else:
+        elif metrics:
             metrics["val_perplexity"] = float(np.exp(min(metrics["val_loss"], 50.0)))
         if privacy is not None:
             metrics["epsilon"] = privacy.accountant.epsilon(config.privacy.delta)
@@ -211,8 +231,13 @@ def run_training(config: Config, run_dir: str | Path | None = None, resume: bool
                         "privacy_rng": "secure" if privacy.secure_rng else
                         "reproducible (seeded from run.seed)",
                         "accountant_history": privacy.accountant.history})
-    summary.update({"device": str(device), "world_size": world.size})
+    summary.update({"device": str(device), "world_size": world.size, "data": parts.meta})
+    if len(parts.val) == 0:
+        summary.setdefault("warnings", []).append(
+            "data.val_fraction=0: no validation split, so no val_* metrics")
     if world.is_main:
         save_model(model, run_dir / "model.safetensors")
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        (run_dir / "summary.json").write_text(json.dumps(finite_json(summary), indent=2,
+                                                         allow_nan=False))
+        rundir.release(run_dir)
     return TrainResult(run_dir, model, summary)

@@ -81,12 +81,12 @@ def test_hub_route_maps_columns(monkeypatch):
 
     from trustml.data.tabular import ADULT_COLUMNS, _open
 
-    rows = _open(FILES / "adult.data.gz")[:400]
+    rows = _open(FILES / "adult.data.gz").rows[:400]
     hub_names = [c.replace("-", ".") for c in ADULT_COLUMNS]  # e.g. 'education.num'
     table = datasets.Dataset.from_dict({n: [r[i] for r in rows] for i, n in enumerate(hub_names)})
     calls = []
 
-    def fake_load(name):
+    def fake_load(name, revision=None):
         calls.append(name)
         return datasets.DatasetDict({"train": table})
 

@@ -64,6 +64,9 @@ def audit(config: Config, run_dir: str | Path) -> dict[str, Any]:
     pool_y = torch.cat([data.train.y, data.test.y[:n]])
     member = np.r_[np.ones(n, bool), np.zeros(n, bool)]
     z = min(cfg.n_population, len(data.val))
+    if z == 0 and "rmia" in attacks:
+        raise ConfigError("attack rmia draws its population from the validation split, which "
+                          "data.val_fraction=0 leaves empty; raise data.val_fraction")
     pop_x, pop_y = data.val.x[:z], data.val.y[:z]
     refs = None
     if {"lira", "rmia"} & set(attacks):

@@ -5,6 +5,11 @@ need no network; ``data.path`` points at a user's own copy (folder with the same
 gzipped or not) and ``data.path: hf:<dataset>`` loads a Hugging Face copy of Adult where the
 network exists. One-hot encoding and standardisation are fitted on the training rows only; Adult's missing
 values ('?') are kept as a category of their own, so the row counts match the UCI files.
+
+Every cell is validated at load: a NaN, inf or non-numeric number, an empty cell, an unknown label, a
+header row, an empty file or a test-time group that training never saw is one ConfigError naming the
+file, line and column, because any of them would otherwise train (or score) silently wrong numbers.
+``data.drop_bad_rows`` drops such rows instead and reports how many in the run's summary.
 """
 
 from __future__ import annotations
@@ -12,6 +17,8 @@ from __future__ import annotations
 import csv
 import gzip
 import io
+import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,6 +55,8 @@ TARGETS = {
     },
     "german": {"credit": ("credit", lambda v: v == "1")},
 }
+# The values a label column may hold (anything else, e.g. '>50k' or 'maybe.', is a bad cell).
+LABELS = {"income": {"<=50K", ">50K", "<=50K.", ">50K."}, "credit": {"1", "2"}}
 SENSITIVE = {
     "adult": {
         "sex": ("sex", lambda v: v),
@@ -103,16 +112,46 @@ class TabularData:
         return self.train.x.shape[1]
 
 
-def _open(path: Path) -> list[list[str]]:
+@dataclass
+class Table:
+    """Rows of one source with where each came from (file line, or hub row), for error messages."""
+
+    source: str
+    rows: list[list[str]]
+    lines: list[int]
+
+    def where(self, k: int) -> str:
+        return f"data file {self.source!r} line {self.lines[k]}"
+
+    def keep(self, index: list[int], dropped: dict[str, int] | None = None) -> "Table":
+        """The rows ``index``; rows left out are counted in ``dropped`` (by source) when given."""
+        if dropped is not None:
+            dropped[self.source] = dropped.get(self.source, 0) + len(self.rows) - len(index)
+        return Table(self.source, [self.rows[k] for k in index], [self.lines[k] for k in index])
+
+
+def _open(path: Path) -> Table:
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", newline="") as handle:
-        text = handle.read()
+    try:
+        with opener(path, "rb") as handle:
+            data = handle.read()
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        where = " of the decompressed text" if path.suffix == ".gz" else ""
+        raise ConfigError(f"data file {str(path)!r}: byte {err.start}{where} is not UTF-8 "
+                          f"({data[err.start:err.start + 4]!r})") from None
+    except (OSError, EOFError) as err:  # e.g. a truncated or fake .gz
+        raise ConfigError(f"data file {str(path)!r} is unreadable: {err}") from None
     delimiter = "," if "," in text[:1000] else " "
-    rows = []
-    for row in csv.reader(io.StringIO(text), delimiter=delimiter, skipinitialspace=True):
-        if row and not row[0].startswith("|"):
+    rows, lines = [], []
+    reader = csv.reader(io.StringIO(text), delimiter=delimiter, skipinitialspace=True)
+    for row in reader:
+        if row and not row[0].startswith("|") and any(v.strip() for v in row):
             rows.append([v.strip() for v in row])
-    return rows
+            lines.append(reader.line_num)
+    if not rows:
+        raise ConfigError(f"data file {str(path)!r} has no data rows (empty file)")
+    return Table(str(path), rows, lines)
 
 
 def _find(folder: Path, stem: str) -> Path:
@@ -122,49 +161,107 @@ def _find(folder: Path, stem: str) -> Path:
     raise ConfigError(f"data.path: expected {stem} or {stem}.gz in {str(folder)!r}")
 
 
-def _check_rows(rows: list[list[str]], width: int, path: Path) -> list[list[str]]:
-    for number, row in enumerate(rows, 1):
-        if len(row) != width:
-            raise ConfigError(f"data file {str(path)!r} line {number}: expected {width} fields, "
-                              f"got {len(row)}")
-    return rows
+def _cell_problem(value: str, column: str, numeric: set[str]) -> str | None:
+    """Why ``value`` cannot be a cell of ``column``, or None when it can."""
+    if value == "":
+        return "expected a value, got an empty cell"
+    if column in LABELS and value not in LABELS[column]:
+        return f"expected a label in {sorted(LABELS[column])}, got {value!r}"
+    if column in numeric:
+        try:
+            number = float(value)
+        except ValueError:
+            return f"expected a number, got {value!r}"
+        if not math.isfinite(number):
+            return f"expected a finite number, got {value!r}"
+    return None
 
 
-def _adult_from_hub(name: str) -> tuple[list[list[str]], list[list[str]] | None]:
+def _validate(table: Table, columns: list[str], numeric: set[str],
+              dropped: dict[str, int] | None) -> Table:
+    """Check field counts and every cell (see the module doc). Bad rows are an error, or, when
+    ``dropped`` is given (``data.drop_bad_rows``), left out and counted there."""
+    header = {c.lower() for c in columns}
+    good = []
+    for k, row in enumerate(table.rows):
+        if sum(v.lower() in header for v in row[:3]) >= 2:  # 'age,workclass,...' or similar
+            problem = "is a header row (the UCI files have none): remove it"
+        elif len(row) != len(columns):
+            problem = f"expected {len(columns)} fields, got {len(row)}"
+        else:
+            problem = next((f"column {c!r} ({i + 1}): {why}" for i, (c, v) in
+                            enumerate(zip(columns, row))
+                            if (why := _cell_problem(v, c, numeric)) is not None), None)
+        if problem is None:
+            good.append(k)
+        elif dropped is None:
+            raise ConfigError(f"{table.where(k)}: {problem} (data.drop_bad_rows=true drops such "
+                              "rows)")
+    return _kept(table, good, dropped)
+
+
+def _kept(table: Table, good: list[int], dropped: dict[str, int] | None) -> Table:
+    if not good:
+        raise ConfigError(f"data file {table.source!r}: no valid data row left")
+    return table.keep(good, dropped) if len(good) < len(table.rows) else table
+
+
+def _groups(table: Table, column: str, index: int, to_group: Callable[[str], str],
+            known: list[str] | None, dropped: dict[str, int] | None) -> tuple[Table, list[str]]:
+    """Each row's sensitive group; a code with no group, or (``known`` given: at test time) a group
+    that training never saw, is a bad row: no model output can be reported for it."""
+    groups, good = [], []
+    for k, row in enumerate(table.rows):
+        try:
+            group = to_group(row[index])
+        except (KeyError, ValueError):
+            problem = f"{row[index]!r} is no {column} code this dataset defines"
+        else:
+            problem = (None if known is None or group in known else
+                       f"group {group!r} never appears in training (training groups: {known})")
+        if problem is None:
+            groups.append(group)
+            good.append(k)
+        elif dropped is None:
+            raise ConfigError(f"{table.where(k)} column {column!r}: {problem} "
+                              "(data.drop_bad_rows=true drops such rows)")
+    return _kept(table, good, dropped), groups
+
+
+def _adult_from_hub(name: str, revision: str | None) -> tuple[Table, Table | None]:
     """Rows in UCI column order from a Hugging Face copy of Adult (needs the network)."""
     import datasets
 
     try:
-        loaded = datasets.load_dataset(name)
+        loaded = datasets.load_dataset(name, revision=revision)
     except (OSError, ValueError, ConnectionError) as err:  # offline, unknown name
         raise ConfigError(f"data.path: could not load {name!r} from the Hugging Face hub "
                           f"({type(err).__name__}: {str(err).splitlines()[0][:200]})") from None
 
-    def rows(split) -> list[list[str]]:
-        names = {c.replace(".", "-").replace("_", "-").lower(): c for c in split.column_names}
+    def table(split: str) -> Table:
+        data = loaded[split]
+        names = {c.replace(".", "-").replace("_", "-").lower(): c for c in data.column_names}
         missing = [c for c in ADULT_COLUMNS if c not in names]
         if missing:
             raise ConfigError(f"data.path: hub dataset {name!r} lacks Adult columns {missing}")
-        return [[str(r[names[c]]).strip() for c in ADULT_COLUMNS] for r in split]
+        rows = [[str(r[names[c]]).strip() for c in ADULT_COLUMNS] for r in data]
+        return Table(f"hf:{name}[{split}]", rows, list(range(1, len(rows) + 1)))
 
-    train = rows(loaded["train"])
-    return train, rows(loaded["test"]) if "test" in loaded else None
+    return table("train"), table("test") if "test" in loaded else None
 
 
-def _read_raw(cfg: DataConfig) -> tuple[list[list[str]], list[list[str]] | None]:
+def _read_raw(cfg: DataConfig) -> tuple[Table, Table | None]:
     if cfg.path and cfg.path.startswith("hf:"):
         if cfg.dataset != "adult":
             raise ConfigError("data.path: the hf: route is available for dataset 'adult' only")
-        return _adult_from_hub(cfg.path[3:])
+        return _adult_from_hub(cfg.path[3:], cfg.revision)
     folder = Path(cfg.path) if cfg.path else FILES
     if not folder.is_dir():
-        raise ConfigError(f"data.path: {str(folder)!r} is not a folder")
+        what = "does not exist" if not folder.exists() else "is a file, not a folder"
+        raise ConfigError(f"data.path: {str(folder)!r} {what} (expected the folder of the UCI files)")
     if cfg.dataset == "adult":
-        train_path, test_path = _find(folder, "adult.data"), _find(folder, "adult.test")
-        return (_check_rows(_open(train_path), len(ADULT_COLUMNS), train_path),
-                _check_rows(_open(test_path), len(ADULT_COLUMNS), test_path))
-    path = _find(folder, "german.data")
-    return _check_rows(_open(path), len(GERMAN_COLUMNS), path), None
+        return _open(_find(folder, "adult.data")), _open(_find(folder, "adult.test"))
+    return _open(_find(folder, "german.data")), None
 
 
 class _Encoder:
@@ -214,20 +311,27 @@ def load_tabular(cfg: DataConfig, seed: int = 0) -> TabularData:
     if cfg.sensitive not in SENSITIVE[cfg.dataset]:
         raise ConfigError(f"data.sensitive: expected one of {sorted(SENSITIVE[cfg.dataset])}, "
                           f"got {cfg.sensitive!r}")
-    train_rows, test_rows = _read_raw(cfg)
+    sens_col, to_group = SENSITIVE[cfg.dataset][cfg.sensitive]
+    sens_i = columns.index(sens_col)
+    train_table, test_table = _read_raw(cfg)
+    dropped: dict[str, int] | None = {} if cfg.drop_bad_rows else None
+    train_table = _validate(train_table, columns, numeric, dropped)
     rng = np.random.default_rng(seed)
-    if test_rows is None:  # German credit has no official test split: hold out 30%
-        order = rng.permutation(len(train_rows))
-        cut = int(0.7 * len(train_rows))
-        test_rows = [train_rows[i] for i in order[cut:]]
-        train_rows = [train_rows[i] for i in order[:cut]]
+    if test_table is None:  # German credit has no official test split: hold out 30%
+        order = rng.permutation(len(train_table.rows))
+        cut = int(0.7 * len(train_table.rows))
+        train_table, test_table = train_table.keep(order[:cut]), train_table.keep(order[cut:])
+    else:
+        test_table = _validate(test_table, columns, numeric, dropped)
+    train_table, train_groups = _groups(train_table, sens_col, sens_i, to_group, None, dropped)
+    group_names = sorted(set(train_groups))
+    test_table, _ = _groups(test_table, sens_col, sens_i, to_group, group_names, dropped)
+    train_rows, test_rows = train_table.rows, test_table.rows
 
     label_col, to_label = TARGETS[cfg.dataset][target]
-    sens_col, to_group = SENSITIVE[cfg.dataset][cfg.sensitive]
-    label_i, sens_i = columns.index(label_col), columns.index(sens_col)
+    label_i = columns.index(label_col)
     feature_cols = [c for c in columns if c not in {"income", "credit", label_col}]
     feature_i = [columns.index(c) for c in feature_cols]
-    group_names = sorted({to_group(r[sens_i]) for r in train_rows})
     raw_numeric = [c for c in columns if c in numeric]
 
     def arrays(rows: list[list[str]]) -> tuple[list[list[str]], np.ndarray, np.ndarray, dict]:
@@ -251,4 +355,5 @@ def load_tabular(cfg: DataConfig, seed: int = 0) -> TabularData:
     return TabularData(train, val, test, encoder.names, group_names,
                        meta={"dataset": cfg.dataset, "target": target,
                              "sensitive": cfg.sensitive, "rows_train_file": len(train_rows),
-                             "rows_test_file": len(test_rows)})
+                             "rows_test_file": len(test_rows),
+                             **({"dropped_bad_rows": dropped} if dropped is not None else {})})

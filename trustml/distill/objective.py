@@ -101,10 +101,10 @@ class DistillObjective:
         return ObjectiveOutput(losses, {"logits": logits})
 
 
-def load_teacher(name_or_path: str) -> nn.Module:
+def load_teacher(name_or_path: str, revision: str | None = None) -> nn.Module:
     from trustml.models.lm import load_pretrained
 
-    return load_pretrained(name_or_path, "distill.teacher")
+    return load_pretrained(name_or_path, "distill.teacher", revision)
 
 
 def build_distillation(config: Config, tokenizer: PreTrainedTokenizerBase):
@@ -116,7 +116,7 @@ def build_distillation(config: Config, tokenizer: PreTrainedTokenizerBase):
     cfg = config.distill
     if cfg.teacher is None:
         raise ConfigError("distill.enabled needs distill.teacher (a hub name or a local folder)")
-    teacher = load_teacher(cfg.teacher)
+    teacher = load_teacher(cfg.teacher, cfg.teacher_revision)
     if cfg.student_layers is not None:
         student = student_from_teacher(teacher, cfg.student_layers, config.model.dropout)
     else:

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 from trustml import config as cfgmod
 from trustml.config import ConfigError
 from trustml.evaluation.context import EvalContext, ReportSection
-from trustml.training import distributed
-from trustml.training.checkpoint import load_model
+from trustml.training import distributed, rundir
+from trustml.training.checkpoint import CheckpointError, load_model
 
 
 def load_run(run_dir: str | Path, device: str = "auto") -> EvalContext:
@@ -27,12 +28,31 @@ def load_run(run_dir: str | Path, device: str = "auto") -> EvalContext:
     config = cfgmod.load(run_dir / "config.yaml")
     parts = build_parts(config)
     dev = resolve_device(device)
-    model = load_model(parts.model, run_dir / "model.safetensors").to(dev).eval()
-    summary_path = run_dir / "summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    try:
+        model = load_model(parts.model, run_dir / "model.safetensors").to(dev).eval()
+    except RuntimeError as err:  # e.g. a size mismatch: weights of another model.hidden
+        first = str(err).strip().splitlines()
+        raise CheckpointError(f"model weights {str(run_dir / 'model.safetensors')!r} do not fit "
+                              f"the model of config.yaml: {(first[-1] if first else err)!s:.200}"
+                              ) from None
+    summary = _read_summary(run_dir / "summary.json")
     out_dir = run_dir / "eval"
     out_dir.mkdir(exist_ok=True)
     return EvalContext(run_dir, config, model, parts, dev, out_dir, summary)
+
+
+def _read_summary(path: Path) -> dict[str, Any]:
+    """The run's summary.json ({} when absent); a corrupt one is a clear error, not a traceback."""
+    if not path.is_file():
+        return {}
+    try:
+        summary = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{str(path)!r} is not valid JSON ({err}); rerun training or delete "
+                          "it") from None
+    if not isinstance(summary, dict):
+        raise ConfigError(f"{str(path)!r}: expected a JSON object, got {type(summary).__name__}")
+    return summary
 
 
 def write_report(ctx: EvalContext, sections: list[ReportSection]) -> Path:
@@ -49,6 +69,8 @@ def write_report(ctx: EvalContext, sections: list[ReportSection]) -> Path:
         facts = [f"{k} = {ctx.summary[k]:.4g}" if isinstance(ctx.summary[k], float)
                  else f"{k} = {ctx.summary[k]}" for k in keys if ctx.summary.get(k) is not None]
         lines += ["Training: " + ", ".join(facts), ""]
+        lines += [f"**Warning:** {w}" for w in ctx.summary.get("warnings", [])]
+        lines += [""] if ctx.summary.get("warnings") else []
     for section in sections:
         lines += [f"## {section.title}", "", section.markdown.strip(), ""]
         lines += [f"![{p.stem}]({p.relative_to(ctx.out_dir)})" for p in section.plots]
@@ -62,7 +84,8 @@ def evaluate_run(run_dir: str | Path, attacks: list[str] | None = None,
     """Evaluate ``run_dir``; ``attacks`` overrides ``attack.attacks`` of the run's config. Under
     torchrun the ranks share the attacks' reference models; rank 0 alone evaluates and writes."""
     ctx = load_run(run_dir, device)
-    world = distributed.setup(ctx.device)
+    world = distributed.setup(ctx.device, ctx.config.run.dist_timeout_s)
+    rundir.claim_on_main(ctx.run_dir, world)  # never evaluate a run that is still training
     ctx.device = distributed.rank_device(ctx.device, world)
     ctx.model.to(ctx.device)
     sections: list[ReportSection] = []
@@ -82,4 +105,7 @@ def evaluate_run(run_dir: str | Path, attacks: list[str] | None = None,
         section = evaluate_attacks(ctx, attacks)
         if section is not None:
             sections.append(section)
-    return write_report(ctx, sections)
+    path = write_report(ctx, sections)
+    if world.is_main:
+        rundir.release(ctx.run_dir)
+    return path

@@ -11,11 +11,14 @@ from trustml.config import ConfigError, ModelConfig
 _DROPOUTS = ("resid_pdrop", "embd_pdrop", "attn_pdrop")
 
 
-def load_pretrained(name_or_path: str, key: str, **overrides) -> GPT2LMHeadModel:
-    """A GPT-2 from the hub or a local folder, from safetensors only (a pickled ``.bin`` could run
-    code when loaded); a missing model or network is one ConfigError naming ``key``."""
+def load_pretrained(name_or_path: str, key: str, revision: str | None = None,
+                    **overrides) -> GPT2LMHeadModel:
+    """A GPT-2 from the hub (at ``revision``: branch, tag or commit; None = default branch) or a
+    local folder, from safetensors only (a pickled ``.bin`` could run code when loaded); a missing
+    model or network is one ConfigError naming ``key``."""
     try:
-        return GPT2LMHeadModel.from_pretrained(name_or_path, use_safetensors=True, **overrides)
+        return GPT2LMHeadModel.from_pretrained(name_or_path, use_safetensors=True,
+                                               revision=revision, **overrides)
     except OSError as err:
         raise ConfigError(f"{key} {name_or_path!r}: could not load a GPT-2 with safetensors "
                           f"weights ({str(err).splitlines()[0][:200]})") from None
@@ -27,7 +30,7 @@ def build_lm(model_cfg: ModelConfig, vocab_size: int) -> GPT2LMHeadModel:
     GPT-2 dropouts unless ``model_cfg.config`` names them."""
     dropouts = {key: model_cfg.dropout for key in _DROPOUTS}
     if model_cfg.name is not None:
-        model = load_pretrained(model_cfg.name, "model.name", **dropouts)
+        model = load_pretrained(model_cfg.name, "model.name", model_cfg.revision, **dropouts)
         if model.config.vocab_size < vocab_size:
             raise ConfigError(
                 f"model.name {model_cfg.name!r} has {model.config.vocab_size} token embeddings but "

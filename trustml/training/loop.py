@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import random
 import time
 from collections.abc import Callable
@@ -42,6 +43,19 @@ def set_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state(("MT19937", np.array(state["numpy"], dtype=np.uint32), 624, 0, 0.0))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class TrainingDiverged(ConfigError):
+    """The loss became NaN or inf: every later step would train on garbage, so the run stops."""
+
+
+def non_finite(metrics: dict[str, float]) -> str | None:
+    """The first loss or penalty of a step that is NaN or inf (an empty Poisson batch, whose
+    loss is NaN by definition, does not count)."""
+    if metrics.get("batch_size") == 0:
+        return None
+    return next((f"{k}={v}" for k, v in metrics.items()
+                 if k.startswith(("loss", "penalty")) and not math.isfinite(v)), None)
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -182,6 +196,12 @@ def fit(model: nn.Module, objective, step, batches, *, epochs: int, run_dir: str
             last = step.step(model, objective, to_device(batch, device))
             global_step += 1
             done += 1
+            bad = non_finite(last)
+            if bad:
+                log.write({"event": "diverged", "step": global_step, "epoch": epoch, **last})
+                raise TrainingDiverged(
+                    f"training stopped at step {global_step} (epoch {epoch + 1}): {bad}; lower "
+                    "train.lr or check the data (the last checkpoint, if any, is intact)")
             if global_step % log_every == 0:
                 log.write({"step": global_step, "epoch": epoch, **last})
                 bar.set_postfix({k: f"{v:.4g}" for k, v in last.items()})
