@@ -130,7 +130,8 @@ def epsilon_lower_bound(
         return float(_eps_from_bounds(tpr_lb, fpr_ub, delta).max())
     if selection != "split":
         raise ValueError(f"selection must be 'bonferroni' or 'split', got {selection!r}")
-    pick = np.random.default_rng(seed).random(scores.size) < 0.5
+    # a stream of its own (not default_rng(seed)): the split must not echo a membership draw
+    pick = np.random.default_rng((seed, 0x5EED)).random(scores.size) < 0.5
     (s_a, m_a), (s_b, m_b) = (scores[pick], member[pick]), (scores[~pick], member[~pick])
     if m_a.all() or not m_a.any() or m_b.all() or not m_b.any():
         raise ValueError("too few members/non-members to split for threshold selection")
@@ -211,3 +212,25 @@ def one_run_epsilon(
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if one_run_p_value(m, r, correct, mid, delta) < alpha else (lo, mid)
     return lo
+
+
+def one_run_audit(scores, is_member, delta: float, alpha: float = 0.05,
+                  guess_fractions: tuple[float, ...] = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3),
+                  max_thresholds: int = 100) -> dict[str, float]:
+    """Every sound bound on one set of coin-flip canaries, jointly at confidence 1 - alpha.
+
+    ``eps_lb_clopper_pearson`` (Bonferroni over thresholds) and ``eps_lb_one_run`` (Steinke et al.,
+    Bonferroni over guessing k of the m canaries IN and k OUT, k = fraction * m) each get alpha / 2,
+    so ``eps_lb``, their maximum, holds with probability >= 1 - alpha. ``eps_estimate_gdp`` is the
+    labelled Gaussian-trade-off estimate (not a bound)."""
+    scores, member = _checked(scores, is_member)
+    m = scores.size
+    ks = sorted({max(1, int(f * m)) for f in guess_fractions if 2 * max(1, int(f * m)) <= m})
+    if not ks:
+        raise ValueError(f"{m} canaries are too few for a one-run audit")
+    cp = epsilon_lower_bound(scores, member, delta, alpha=alpha / 2, max_thresholds=max_thresholds)
+    one_run = max(one_run_epsilon(scores, member, delta, k, k, alpha=alpha / 2 / len(ks))
+                  for k in ks)
+    return {"eps_lb_clopper_pearson": cp, "eps_lb_one_run": one_run, "eps_lb": max(cp, one_run),
+            "eps_estimate_gdp": gdp_epsilon_estimate(scores, member, delta, alpha=alpha,
+                                                     max_thresholds=max_thresholds)}
