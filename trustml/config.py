@@ -160,6 +160,13 @@ class AttackConfig(Section):
         0, description="audit: seed of the canary coins (null: secret, drawn from the OS)")
     audit_confidence: float = Field(0.95, gt=0, lt=1,
                                     description="audit: confidence of the epsilon lower bounds")
+    extraction_epsilons: list[float] = Field(
+        default_factory=lambda: [float("inf"), 8.0, 4.0, 1.0],
+        description="canary_extraction: accountant epsilons of the classifiers (inf = non-private)")
+    extraction_trials: int = Field(10, ge=1, description="canary_extraction: classifiers (one "
+                                   "random PIN canary each) per epsilon")
+    extraction_repeats: int = Field(20, ge=1, description="canary_extraction: copies of the "
+                                    "canary in the training set")
     canaries: int = Field(10, ge=0, description="canaries inserted by the lm_canaries driver")
     canary_repeats: list[int] = Field(default_factory=lambda: [1, 10, 100],
                                       description="insertion counts, cycled over the canaries")

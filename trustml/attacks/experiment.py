@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from trustml.attacks import plots
 from trustml.attacks.evaluate import attack_metrics
@@ -133,6 +134,64 @@ def _audit_report(config: Config, rows: list[dict[str, Any]], figure: Path, brok
         markdown_table(rows, cols, digits=".4g"), "",
         f"![theory vs practice]({figure.name})", "",
     ])
+
+
+def canary_extraction(config: Config, run_dir: str | Path) -> dict[str, Any]:
+    """Parikh et al. (2022) canary extraction against word-level intent classifiers, non-private
+    and DP (``attack.extraction_epsilons``): success rates of the relaxed (gradient) and exhaustive
+    model inversions and the true PIN's rank among all 10^4; writes report.md."""
+    from trustml.attacks import extraction as ex
+
+    a, p, t = config.attack, config.privacy, config.train
+    if not config.model.hidden:
+        raise ConfigError("model.hidden: canary_extraction needs one hidden layer size, e.g. [64]")
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(config.run.seed)
+    pins = [tuple(ex.DIGITS[i] for i in rng.integers(10, size=4)) for _ in range(a.extraction_trials)]
+    rows: list[dict[str, Any]] = []
+    for eps in a.extraction_epsilons:
+        results, spent, accuracy = [], math.inf, []
+        for trial, pin in enumerate(pins):
+            seed = config.run.seed + trial
+            corpus = ex.command_corpus(a.canary_corpus, list(pin), a.extraction_repeats, seed)
+            held_out = ex.command_corpus(1000, None, 0, seed + 10_000)
+            model, spent = ex.train_classifier(
+                corpus, eps, epochs=t.epochs, batch_size=t.batch_size, lr=t.lr,
+                hidden=config.model.hidden[0], delta=p.delta, max_grad_norm=p.max_grad_norm,
+                accountant=p.accountant, seed=seed)
+            with torch.no_grad():
+                accuracy.append(float((model(held_out.ids).argmax(1) == held_out.labels)
+                                      .float().mean()))
+            results.append(ex.extract(model, corpus, pin, seed=seed))
+        ranks = np.array([r.rank for r in results])
+        rows.append({
+            "target_epsilon": eps, "accountant_epsilon": spent,
+            "test_accuracy": float(np.mean(accuracy)),
+            "relaxed_success": float(np.mean([r.relaxed_exact for r in results])),
+            "exhaustive_success": float(np.mean([r.exhaustive_exact for r in results])),
+            "relaxed_digits_correct": float(np.mean([r.digits_correct for r in results])),
+            "median_rank": float(np.median(ranks)),
+            "median_exposure_bits": float(np.median(np.log2(1e4) - np.log2(ranks))),
+        })
+        (run_dir / "extraction.json").write_text(json.dumps(rows, indent=2))
+    table = markdown_table(rows, list(rows[0]), digits=".4g")
+    (run_dir / "report.md").write_text("\n".join([
+        "# Canary extraction (Parikh et al. 2022): non-private vs DP", "",
+        (f"Per epsilon, {a.extraction_trials} word-level intent classifiers (embeddings by "
+         f"position -> MLP {config.model.hidden}), each trained on {a.canary_corpus} generated "
+         f"commands plus {a.extraction_repeats} copies of its own canary `my pin is D D D D` "
+         f"(label `{ex.CANARY_INTENT}`, random PIN, run seed {config.run.seed}); {t.epochs} "
+         f"epochs, batch {t.batch_size}, Adam lr {t.lr}; DP-SGD via trustml at delta "
+         f"{p.delta:g}. The white-box attacker knows the prefix and the label. `relaxed_success`: "
+         "the gradient-based relaxation over the digit embeddings recovers the whole PIN; "
+         "`exhaustive_success`: the PIN maximising the model's confidence among all 10^4 is the "
+         "canary; `median_rank`: the true PIN's rank by that confidence (random: ~5000); "
+         "exposure = log2(10^4 / rank); test accuracy on 1000 held-out commands."), "",
+        table, ""]))
+    summary = {f"{k}@eps={r['target_epsilon']:g}": r[k] for r in rows
+               for k in ("relaxed_success", "exhaustive_success", "median_rank", "test_accuracy")}
+    return {**summary, "rows": rows, "report": str(run_dir / "report.md")}
 
 
 def _lm_corpus(config: Config, run_dir: Path, canaries: list[str], repeats: dict[str, int],
