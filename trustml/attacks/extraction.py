@@ -2,7 +2,11 @@
 natural language understanding models").
 
 A training set of voice-assistant commands (word tokens, one intent label each) carries one canary
-"my pin is D D D D" with a known label, inserted a few times. The attacker has the trained
+"my pin is D D D D" with a known label (``account``), inserted a few times. Other users' commands
+with the same words and random PINs carry another intent (``call``: a PIN read out to a phone
+menu), so the classifier can only fit the canary by memorising its digits -- the memorisation
+that extraction measures (with a prefix that only the canary uses, the prefix alone predicts the
+label and the digits barely matter). The attacker has the trained
 classifier (white-box), the prefix and the label, and reconstructs the digits by model inversion:
 the secret tokens that maximise the model's log-probability of the canary's label.
 
@@ -42,7 +46,8 @@ _WORDS = {
 INTENTS = {
     "alarm": ["set an alarm for {d} {d} {d} {d}", "wake me at {d} {d} {d} {d}",
               "alarm at {d} {d} please"],
-    "call": ["call {contact}", "dial {d} {d} {d} {d} {d} {d}", "phone {contact} on {d} {d} {d}"],
+    "call": ["call {contact}", "dial {d} {d} {d} {d} {d} {d}", "phone {contact} on {d} {d} {d}",
+             "my pin is {d} {d} {d} {d}"],
     "weather": ["what is the weather in {city}", "will it rain in {city}",
                 "weather in {city} on day {d}"],
     "music": ["play {song}", "play {song} by track {d}", "put on {song} please"],
