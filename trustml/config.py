@@ -148,7 +148,7 @@ class AttackConfig(Section):
     min_k: float = Field(0.2, gt=0, le=1, description="fraction of tokens for Min-K%(++)")
     reference_run: str | None = Field(None, description="run dir of a reference LM")
     audit_epsilons: list[float] = Field(
-        default_factory=lambda: [0.5, 1.0, 2.0, 4.0, 8.0, float("inf")],
+        default_factory=lambda: [1.0, 2.0, 4.0, 8.0, float("inf")],
         description="accountant epsilons of the audit driver (inf = non-private)")
     audit_input_canaries: int = Field(
         500, ge=2, description="audit: mislabelled held-out rows, each trained on by a coin flip "
