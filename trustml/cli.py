@@ -23,6 +23,7 @@ EXPERIMENTS: dict[str, str] = {
     "distill_offline": "trustml.distill.benchmark:run",
     "audit": "trustml.attacks.experiment:audit",
     "lm_canaries": "trustml.attacks.experiment:lm_canaries",
+    "canary_extraction": "trustml.attacks.experiment:canary_extraction",
     "fair_transfer": "trustml.fairness.experiments:transfer",
     "fair_postprocess": "trustml.fairness.experiments:wasserstein",
     "fair_ferm": "trustml.fairness.experiments:ferm",

@@ -180,8 +180,25 @@ class AttackConfig(Section):
     min_k: float = Field(0.2, gt=0, le=1, description="fraction of tokens for Min-K%(++)")
     reference_run: str | None = Field(None, description="run dir of a reference LM")
     audit_epsilons: list[float] = Field(
-        default_factory=lambda: [0.5, 1.0, 2.0, 4.0, 8.0, float("inf")],
+        default_factory=lambda: [1.0, 2.0, 4.0, 8.0, float("inf")],
         description="accountant epsilons of the audit driver (inf = non-private)")
+    audit_input_canaries: int = Field(
+        500, ge=2, description="audit: mislabelled held-out rows, each trained on by a coin flip "
+        "(black-box canaries)")
+    audit_gradient_canaries: int = Field(
+        200000, ge=2, description="audit: Dirac gradient canaries, each inserted by a coin flip "
+        "(white-box canaries)")
+    audit_seed: int | None = Field(
+        0, description="audit: seed of the canary coins (null: secret, drawn from the OS)")
+    audit_confidence: float = Field(0.95, gt=0, lt=1,
+                                    description="audit: confidence of the epsilon lower bounds")
+    extraction_epsilons: list[float] = Field(
+        default_factory=lambda: [float("inf"), 8.0, 4.0, 1.0],
+        description="canary_extraction: accountant epsilons of the classifiers (inf = non-private)")
+    extraction_trials: int = Field(10, ge=1, description="canary_extraction: classifiers (one "
+                                   "random PIN canary each) per epsilon")
+    extraction_repeats: int = Field(20, ge=1, description="canary_extraction: copies of the "
+                                    "canary in the training set")
     canaries: int = Field(10, ge=0, description="canaries inserted by the lm_canaries driver")
     canary_repeats: list[int] = Field(default_factory=lambda: [1, 10, 100],
                                       description="insertion counts, cycled over the canaries")

@@ -58,10 +58,30 @@ def test_roc_matches_sklearn_and_tensors_accepted():
         sk.roc_auc_score(member, scores))
 
 
-def test_tpr_at_fpr_interpolates_linearly():
+def test_tpr_at_fpr_never_splits_ties_by_default():
     # ROC: (0,0) -> (0.5, 0.5) [score 1, one IN one OUT tie] -> (1, 1)
     scores, member = np.array([1.0, 1.0, 0.0, 0.0]), np.array([1, 0, 1, 0], bool)
-    assert metrics.tpr_at_fpr(scores, member, 0.25) == pytest.approx(0.25)
+    assert metrics.tpr_at_fpr(scores, member, 0.25) == 0.0  # no threshold has FPR <= 0.25 but 0
+    assert metrics.tpr_at_fpr(scores, member, 0.5) == 0.5
+    assert metrics.tpr_at_fpr(scores, member, 0.25, interpolate=True) == pytest.approx(0.25)
+
+
+def test_tpr_at_fpr_by_hand_with_ties():
+    # members 5, 4, 3, 3, 3, 1 ; non-members 3, 3, 2, 0 (4 non-members: one FP = 0.25 FPR)
+    scores = np.array([5, 4, 3, 3, 3, 1, 3, 3, 2, 0], float)
+    member = np.array([1, 1, 1, 1, 1, 1, 0, 0, 0, 0], bool)
+    # thresholds: 5 -> (0, 1/6), 4 -> (0, 2/6), 3 -> (2/4, 5/6), 2 -> (3/4, 5/6), 1 -> (3/4, 1)
+    assert metrics.tpr_at_fpr(scores, member, 0.0) == pytest.approx(2 / 6)
+    assert metrics.tpr_at_fpr(scores, member, 0.25) == pytest.approx(2 / 6)  # tie at 3 not split
+    assert metrics.tpr_at_fpr(scores, member, 0.5) == pytest.approx(5 / 6)
+    assert metrics.tpr_at_fpr(scores, member, 0.75) == 1.0
+    # interpolating half way up the tied column reads 2/6 + 0.5 * 3/6
+    assert metrics.tpr_at_fpr(scores, member, 0.25, interpolate=True) == pytest.approx(7 / 12)
+    # brute force over every threshold agrees with the default
+    for f in (0.0, 0.1, 0.25, 0.3, 0.5, 0.6, 0.75, 1.0):
+        best = max((scores[member] >= t).mean()
+                   for t in np.r_[np.inf, scores] if (scores[~member] >= t).mean() <= f)
+        assert metrics.tpr_at_fpr(scores, member, f) == pytest.approx(best)
 
 
 def test_bootstrap_interval_brackets_estimate_and_narrows():

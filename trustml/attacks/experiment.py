@@ -1,8 +1,9 @@
 """Experiment drivers: the privacy audit ("theory vs practice") and canary exposure.
 
-``audit`` trains the same target model at each epsilon in ``attack.audit_epsilons`` (inf =
-non-private) on a small Adult subset, attacks each with the same reference models, and compares the
-accountant's epsilon with the empirical lower bounds and the attack AUC.
+``audit`` runs one audited DP-SGD training per epsilon in ``attack.audit_epsilons`` (inf = no
+noise) with coin-flip canaries (white-box gradient canaries and black-box mislabelled rows, see
+:mod:`trustml.attacks.one_run`) and compares the accountant's epsilon with the sound empirical lower
+bounds; a bound above the accountant is reported as broken privacy.
 
 ``lm_canaries`` hides random canaries (inserted 1, 4, 16, ... times) in a generated text corpus,
 trains the same small GPT-2 without and with DP, and compares the canaries' exposure and the LM
@@ -22,7 +23,6 @@ import torch
 
 from trustml.attacks import plots
 from trustml.attacks.evaluate import attack_metrics
-from trustml.attacks.tabular import logits_of, reference_outputs, tabular_scores
 from trustml.config import Config, ConfigError, from_dict
 from trustml.evaluation.context import markdown_table
 
@@ -44,68 +44,158 @@ def private_variant(config: Config, eps: float) -> Config:
 
 
 def audit(config: Config, run_dir: str | Path) -> dict[str, Any]:
-    """Train targets at every audited epsilon, attack them, plot theory vs practice."""
+    """One-run audits at every epsilon in ``attack.audit_epsilons``: accountant epsilon beside the
+    white-box and black-box lower bounds; loud when a bound exceeds the accountant."""
+    from trustml.attacks.audit import one_run_audit
+    from trustml.attacks.metrics import auc
+    from trustml.attacks.one_run import audited_run, mislabelled, secret_generator
     from trustml.data.tabular import load_tabular
-    from trustml.runner import resolve_device, run_training
 
     if config.model.kind != "mlp":
         raise ConfigError("run.experiment 'audit' needs a tabular MLP (model.kind: mlp)")
+    if not config.privacy.poisson:
+        raise ConfigError("privacy.poisson: the audit checks the accountant, which assumes "
+                          "Poisson sampling; set it to true")
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(config.run.device)
-    cfg = config.attack
-    attacks = cfg.attacks or ["loss", "lira", "rmia"]
-    data = load_tabular(config.data, seed=config.run.seed)  # train = the members (data.subset)
-    n = min(len(data.train), len(data.test))
-    if n < len(data.train):
-        raise ConfigError(f"data.subset: the audit needs as many held-out rows as members; "
-                          f"use at most {len(data.test)}")
-    pool_x = torch.cat([data.train.x, data.test.x[:n]])
-    pool_y = torch.cat([data.train.y, data.test.y[:n]])
-    member = np.r_[np.ones(n, bool), np.zeros(n, bool)]
-    z = min(cfg.n_population, len(data.val))
-    if z == 0 and "rmia" in attacks:
-        raise ConfigError("attack rmia draws its population from the validation split, which "
-                          "data.val_fraction=0 leaves empty; raise data.val_fraction")
-    pop_x, pop_y = data.val.x[:z], data.val.y[:z]
-    refs = None
-    if {"lira", "rmia"} & set(attacks):
-        refs = reference_outputs(variant(config, privacy={"enabled": False}), pool_x, pool_y,
-                                 pop_x, device)
+    cfg, delta = config.attack, config.privacy.delta
+    alpha = 1.0 - cfg.audit_confidence
+    data = load_tabular(config.data, seed=config.run.seed)
+    if cfg.audit_input_canaries > len(data.val):
+        raise ConfigError(f"attack.audit_input_canaries: at most {len(data.val)} (validation rows)")
+    input_canaries = mislabelled(data.val.subset(np.arange(cfg.audit_input_canaries)))
+    coins = secret_generator(cfg.audit_seed)
     rows: list[dict[str, Any]] = []
     for eps in cfg.audit_epsilons:
-        result = run_training(private_variant(config, eps), run_dir / f"target_eps_{eps:g}")
-        accountant = float(result.summary.get("epsilon", math.inf))
-        model = result.model.to(device)
-        scores = tabular_scores(attacks, cfg, logits_of(model, pool_x, device), pool_y,
-                                logits_of(model, pop_x, device), pop_y, refs)
-        row: dict[str, Any] = {"target_epsilon": eps, "accountant_epsilon": accountant,
-                               "test_accuracy": result.summary.get("test_accuracy", math.nan)}
-        for name, s in scores.items():
-            m = attack_metrics(s, member, cfg.fpr, config.privacy.delta, n_boot=100)
-            row.update({f"{name}_{k}": v for k, v in m.items()})
+        run = audited_run(config, eps, data, input_canaries, cfg.audit_gradient_canaries, coins,
+                          progress=sys.stderr.isatty())
+        row: dict[str, Any] = {"target_epsilon": eps, "accountant_epsilon": run.accountant_epsilon,
+                               "noise_multiplier": run.noise_multiplier,
+                               "test_accuracy": run.test_accuracy}
+        for kind, scores, member, independent in (
+                ("white_box", run.gradient_scores, run.gradient_member, True),
+                ("black_box", run.input_scores, run.input_member, False)):
+            row[f"{kind}_auc"] = auc(scores, member)
+            row.update({f"{kind}_{k}": v for k, v in one_run_audit(
+                scores, member, delta, alpha, independent_trials=independent).items()})
+        row["privacy_broken"] = any(row[f"{k}_eps_lb"] > row["accountant_epsilon"]
+                                    for k in ("white_box", "black_box"))
+        if row["privacy_broken"]:
+            print(f"ERROR: PRIVACY BROKEN at accountant epsilon {row['accountant_epsilon']:.4g}: "
+                  f"empirical lower bound {row['white_box_eps_lb']:.4g} (white-box) / "
+                  f"{row['black_box_eps_lb']:.4g} (black-box) exceeds it", file=sys.stderr)
         rows.append(row)
         (run_dir / "audit.json").write_text(json.dumps(rows, indent=2))
-    names = list(scores)
-    eps_x = [r["accountant_epsilon"] for r in rows]
     figure = plots.plot_theory_vs_practice(
-        eps_x,
-        {f"{a} {b}": [r[f"{a}_eps_lb_{b}"] for r in rows]
-         for a in names for b in ("clopper_pearson", "gdp")},
-        {a: [r[f"{a}_auc"] for r in rows] for a in names},
+        [r["accountant_epsilon"] for r in rows],
+        {f"{k.replace('_', '-')} lower bound": [r[f"{k}_eps_lb"] for r in rows]
+         for k in ("white_box", "black_box")},
+        {f"{k.replace('_', '-')} canaries": [r[f"{k}_auc"] for r in rows]
+         for k in ("white_box", "black_box")},
         run_dir / "theory_vs_practice.png")
-    cols = ["target_epsilon", "accountant_epsilon", "test_accuracy",
-            *[f"{a}_{k}" for a in names for k in ("auc", "tpr@0.001fpr", "eps_lb_clopper_pearson",
-                                                  "eps_lb_gdp")]]
-    table = markdown_table(rows, cols, digits=".4g")
-    (run_dir / "audit.md").write_text(
-        f"# Privacy audit: {n} members vs {n} non-members, {config.attack.n_reference} reference "
-        f"models, delta = {config.privacy.delta:g}\n\n{table}\n\n![theory vs practice]"
-        f"({figure.name})\n")
-    violations = [r["target_epsilon"] for r in rows for a in names
-                  if r[f"{a}_eps_lb_clopper_pearson"] > r["accountant_epsilon"]]
-    return {"rows": rows, "plot": str(figure), "table": str(run_dir / "audit.md"),
-            "bound_exceeds_accountant": violations}
+    broken = [r["target_epsilon"] for r in rows if r["privacy_broken"]]
+    report = _audit_report(config, rows, figure, broken, len(data.train))
+    (run_dir / "audit.md").write_text(report)
+    tightness = {f"{r['target_epsilon']:g}": r["white_box_eps_lb"] / r["accountant_epsilon"]
+                 for r in rows if math.isfinite(r["accountant_epsilon"])}
+    flat = {f"{k}@eps={r['target_epsilon']:g}": r[k] for r in rows
+            for k in ("accountant_epsilon", "white_box_eps_lb", "black_box_eps_lb", "test_accuracy")}
+    return {"privacy_broken": len(broken), **flat, "rows": rows, "plot": str(figure),
+            "table": str(run_dir / "audit.md"), "white_box_tightness": tightness,
+            "bound_exceeds_accountant": broken}
+
+
+def _audit_report(config: Config, rows: list[dict[str, Any]], figure: Path, broken: list[float],
+                  n_train: int) -> str:
+    a, p = config.attack, config.privacy
+    batch = (f"{config.train.batch_size}" if config.train.batch_size < n_train
+             else "= all rows (full-batch, sample rate 1)")
+    cols = ["target_epsilon", "accountant_epsilon", "noise_multiplier", "test_accuracy",
+            *[f"{k}_{m}" for k in ("white_box", "black_box")
+              for m in ("eps_lb", "eps_lb_clopper_pearson", "eps_lb_one_run", "auc",
+                        "eps_estimate_gdp")]]
+    alarm = ([f"**ERROR: PRIVACY BROKEN.** At target epsilon {broken} an empirical lower bound "
+              "exceeds the accountant's epsilon: the DP engine or its accountant is wrong.", ""]
+             if broken else ["No lower bound exceeds the accountant's epsilon.", ""])
+    return "\n".join([
+        f"# Privacy audit (one run per epsilon, seed {config.run.seed}, coins seed {a.audit_seed})",
+        "", *alarm,
+        (f"DP-SGD on {n_train} Adult rows, MLP {config.model.hidden}, {config.train.epochs} "
+         f"epochs, expected batch {batch}, {p.accountant.upper()} accountant, "
+         f"delta = {p.delta:g}. Each run holds {a.audit_gradient_canaries} white-box gradient "
+         f"canaries (Dirac gradients of norm C = max_grad_norm in coordinates no example touches; "
+         f"score: log-likelihood ratio of every noisy update) and {a.audit_input_canaries} "
+         "black-box canaries (held-out rows with flipped labels; score: minus the loss), each "
+         "included by its own fair coin."), "",
+        (f"`eps_lb`: epsilon lower bound at {a.audit_confidence:.0%} confidence, valid for any "
+         "mechanism, the one checked against the accountant. White-box: the larger of "
+         "Clopper-Pearson over thresholds (Bonferroni; the gradient canaries are independent "
+         "trials) and the one-run bound of Steinke, Nasr, Jagielski (2023), each at half the "
+         "level. Black-box: the one-run bound alone (the canaries share one model, so they are "
+         "not independent trials; their Clopper-Pearson column is shown for reference only). "
+         "`eps_estimate_gdp` is NOT a bound: an estimate assuming a Gaussian trade-off curve, "
+         "never used in the violation check. epsilon inf: clipping without noise."), "",
+        markdown_table(rows, cols, digits=".4g"), "",
+        f"![theory vs practice]({figure.name})", "",
+    ])
+
+
+def canary_extraction(config: Config, run_dir: str | Path) -> dict[str, Any]:
+    """Parikh et al. (2022) canary extraction against word-level intent classifiers, non-private
+    and DP (``attack.extraction_epsilons``): success rates of the relaxed (gradient) and exhaustive
+    model inversions and the true PIN's rank among all 10^4; writes report.md."""
+    from trustml.attacks import extraction as ex
+
+    a, p, t = config.attack, config.privacy, config.train
+    if not config.model.hidden:
+        raise ConfigError("model.hidden: canary_extraction needs one hidden layer size, e.g. [64]")
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(config.run.seed)
+    pins = [tuple(ex.DIGITS[i] for i in rng.integers(10, size=4)) for _ in range(a.extraction_trials)]
+    rows: list[dict[str, Any]] = []
+    for eps in a.extraction_epsilons:
+        results, spent, accuracy = [], math.inf, []
+        for trial, pin in enumerate(pins):
+            seed = config.run.seed + trial
+            corpus = ex.command_corpus(a.canary_corpus, list(pin), a.extraction_repeats, seed)
+            held_out = ex.command_corpus(1000, None, 0, seed + 10_000)
+            model, spent = ex.train_classifier(
+                corpus, eps, epochs=t.epochs, batch_size=t.batch_size, lr=t.lr,
+                hidden=config.model.hidden[0], delta=p.delta, max_grad_norm=p.max_grad_norm,
+                accountant=p.accountant, seed=seed)
+            with torch.no_grad():
+                accuracy.append(float((model(held_out.ids).argmax(1) == held_out.labels)
+                                      .float().mean()))
+            results.append(ex.extract(model, corpus, pin, seed=seed))
+        ranks = np.array([r.rank for r in results])
+        rows.append({
+            "target_epsilon": eps, "accountant_epsilon": spent,
+            "test_accuracy": float(np.mean(accuracy)),
+            "relaxed_success": float(np.mean([r.relaxed_exact for r in results])),
+            "exhaustive_success": float(np.mean([r.exhaustive_exact for r in results])),
+            "relaxed_digits_correct": float(np.mean([r.digits_correct for r in results])),
+            "median_rank": float(np.median(ranks)),
+            "median_exposure_bits": float(np.median(np.log2(1e4) - np.log2(ranks))),
+        })
+        (run_dir / "extraction.json").write_text(json.dumps(rows, indent=2))
+    table = markdown_table(rows, list(rows[0]), digits=".4g")
+    (run_dir / "report.md").write_text("\n".join([
+        "# Canary extraction (Parikh et al. 2022): non-private vs DP", "",
+        (f"Per epsilon, {a.extraction_trials} word-level intent classifiers (embeddings by "
+         f"position -> MLP {config.model.hidden}), each trained on {a.canary_corpus} generated "
+         f"commands plus {a.extraction_repeats} copies of its own canary `my pin is D D D D` "
+         f"(label `{ex.CANARY_INTENT}`, random PIN, run seed {config.run.seed}); {t.epochs} "
+         f"epochs, batch {t.batch_size}, Adam lr {t.lr}; DP-SGD via trustml at delta "
+         f"{p.delta:g}. The white-box attacker knows the prefix and the label. `relaxed_success`: "
+         "the gradient-based relaxation over the digit embeddings recovers the whole PIN; "
+         "`exhaustive_success`: the PIN maximising the model's confidence among all 10^4 is the "
+         "canary; `median_rank`: the true PIN's rank by that confidence (random: ~5000); "
+         "exposure = log2(10^4 / rank); test accuracy on 1000 held-out commands."), "",
+        table, ""]))
+    summary = {f"{k}@eps={r['target_epsilon']:g}": r[k] for r in rows
+               for k in ("relaxed_success", "exhaustive_success", "median_rank", "test_accuracy")}
+    return {**summary, "rows": rows, "report": str(run_dir / "report.md")}
 
 
 def _lm_corpus(config: Config, run_dir: Path, canaries: list[str], repeats: dict[str, int],

@@ -53,21 +53,23 @@ def auc(scores, is_member) -> float:
     return float(np.trapezoid(tpr, fpr))
 
 
-def tpr_at_fpr(scores, is_member, fpr: float) -> float:
-    """TPR at the given FPR, linearly interpolated on the ROC.
+def tpr_at_fpr(scores, is_member, fpr: float, interpolate: bool = False) -> float:
+    """TPR an attacker reaches with a false-positive budget ``fpr``.
 
-    Where the ROC is vertical at exactly ``fpr`` the highest TPR is taken (the best threshold an
-    attacker with that false-positive budget can pick).
+    Default (conservative, the standard in the MIA literature): the largest TPR over real
+    thresholds "member iff score >= t" whose FPR is <= ``fpr``. Tied scores are never split, since
+    splitting a tie is randomised tie-breaking, which no deterministic threshold achieves.
+
+    ``interpolate=True``: linear interpolation on the ROC instead (what a randomised threshold
+    reaches); it can read higher than any real threshold where many scores tie, so it is opt-in.
     """
     if not 0.0 <= fpr <= 1.0:
         raise ValueError(f"fpr must be in [0, 1], got {fpr}")
     fprs, tprs, _ = roc_curve(scores, is_member)
     after = int(np.searchsorted(fprs, fpr, side="right"))
-    if after == fprs.size:
-        return float(tprs[-1])
-    before = after - 1  # fprs[before] <= fpr < fprs[after]; tprs[before] is the top of that column
-    if fprs[before] == fpr:
-        return float(tprs[before])
+    if not interpolate or after == fprs.size:
+        return float(tprs[after - 1])  # fprs[after - 1] <= fpr; tprs rise along the curve
+    before = after - 1  # fprs[before] <= fpr < fprs[after]
     w = (fpr - fprs[before]) / (fprs[after] - fprs[before])
     return float(tprs[before] + w * (tprs[after] - tprs[before]))
 
