@@ -8,6 +8,7 @@ import json
 import random
 import time
 from collections.abc import Callable
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -62,13 +63,19 @@ class MetricsLog:
 def fit(model: nn.Module, objective, step, batches, *, epochs: int, run_dir: str | Path,
         state: dict[str, Any] | None = None, evaluate: Callable[[], dict[str, float]] | None = None,
         max_steps: int | None = None, log_every: int = 50, checkpoint_every: int = 1,
-        resume: bool = False, progress: bool = True, world: World = World()) -> dict[str, Any]:
+        resume: bool = False, progress: bool = True, world: World = World(),
+        scheduler: Any = None, checkpoint_steps: int | None = None,
+        eval_every_steps: int | None = None) -> dict[str, Any]:
     """Train for ``epochs`` epochs of ``batches`` and return the run's summary.
 
     ``state`` maps names to objects with ``state_dict``/``load_state_dict`` (optimizer, privacy
     accountant, ...) that are checkpointed with the model. With ``resume`` the latest checkpoint in
     ``run_dir/checkpoint`` is restored, RNG states included, so the run continues exactly.
-    Under ``torchrun`` only rank 0 writes logs and checkpoints and shows progress.
+    ``scheduler`` (a torch LR scheduler, also in ``state``) steps after every optimizer step.
+    ``checkpoint_steps`` / ``eval_every_steps`` add a checkpoint / a validation record every N
+    steps (a long run can be less than one epoch); a step checkpoint resumes mid-epoch by skipping
+    the batches already done, which is exact for batch sources whose order is a function of
+    (seed, epoch). Under ``torchrun`` only rank 0 writes logs and checkpoints and shows progress.
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -77,7 +84,7 @@ def fit(model: nn.Module, objective, step, batches, *, epochs: int, run_dir: str
     progress = progress and world.is_main
     device = next(model.parameters()).device
     core = getattr(model, "module", model)  # checkpoints hold the bare model, not a DDP wrapper
-    start_epoch, global_step, history = 0, 0, []
+    start_epoch, global_step, history, skip = 0, 0, [], 0
     if resume:
         saved = load_state(run_dir / "checkpoint")
         try:
@@ -86,18 +93,33 @@ def fit(model: nn.Module, objective, step, batches, *, epochs: int, run_dir: str
                 obj.load_state_dict(saved["extra"][name])
             set_rng_state(saved["rng"])
             start_epoch, global_step, history = saved["epoch"], saved["step"], saved["history"]
+            skip = saved.get("batch", 0)
         except (KeyError, RuntimeError, ValueError) as err:
             first = str(err).strip().splitlines()[0]
             raise CheckpointError(f"checkpoint in {str(run_dir)!r} does not fit this run's "
                                   f"model/optimizer/privacy settings: {first}") from None
-        log.write({"event": "resume", "epoch": start_epoch, "step": global_step})
+        log.write({"event": "resume", "epoch": start_epoch, "step": global_step, "batch": skip})
+
+    def checkpoint(epochs_done: int, batch: int) -> None:
+        if world.is_main:
+            save_state({"model": core.state_dict(), "rng": rng_state(), "epoch": epochs_done,
+                        "step": global_step, "batch": batch, "history": history,
+                        "extra": {name: obj.state_dict() for name, obj in state.items()}},
+                       run_dir / "checkpoint")
+
+    def show(record: dict[str, Any]) -> None:
+        if progress:
+            tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                for k, v in record.items()))
 
     stopped = None
     began = time.perf_counter()
     for epoch in range(start_epoch, epochs):
         model.train()
-        bar = tqdm(batches.batches(epoch), total=len(batches), disable=not progress,
-                   desc=f"epoch {epoch + 1}/{epochs}", leave=False, dynamic_ncols=True)
+        done = skip if epoch == start_epoch else 0
+        bar = tqdm(islice(batches.batches(epoch), done, None), total=len(batches), initial=done,
+                   disable=not progress, desc=f"epoch {epoch + 1}/{epochs}", leave=False,
+                   dynamic_ncols=True)
         last: dict[str, float] = {}
         for batch in bar:
             reason = getattr(step, "exhausted", lambda: None)()
@@ -105,27 +127,32 @@ def fit(model: nn.Module, objective, step, batches, *, epochs: int, run_dir: str
                 stopped = reason
                 break
             last = step.step(model, objective, to_device(batch, device))
+            if scheduler is not None:
+                last["lr"] = scheduler.get_last_lr()[0]
+                scheduler.step()
             global_step += 1
+            done += 1
             if global_step % log_every == 0:
                 log.write({"step": global_step, "epoch": epoch, **last})
                 bar.set_postfix({k: f"{v:.4g}" for k, v in last.items()})
             if max_steps is not None and global_step >= max_steps:
                 stopped = f"reached train.max_steps={max_steps}"
                 break
+            if eval_every_steps and evaluate and global_step % eval_every_steps == 0:
+                record = {"step": global_step, "epoch": epoch, **evaluate()}
+                model.train()
+                log.write(record)
+                show(record)
+            if checkpoint_steps and global_step % checkpoint_steps == 0 and done < len(batches):
+                checkpoint(epoch, done)
         bar.close()
         record = {"epoch": epoch + 1, "step": global_step, **last,
                   **(evaluate() if evaluate else {})}
         history.append(record)
         log.write(record)
-        if progress:
-            tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                                for k, v in record.items()))
-        checkpoint_now = (epoch + 1) % checkpoint_every == 0 or epoch + 1 == epochs or stopped
-        if checkpoint_now and world.is_main:
-            save_state({"model": core.state_dict(), "rng": rng_state(), "epoch": epoch + 1,
-                        "step": global_step, "history": history,
-                        "extra": {name: obj.state_dict() for name, obj in state.items()}},
-                       run_dir / "checkpoint")
+        show(record)
+        if (epoch + 1) % checkpoint_every == 0 or epoch + 1 == epochs or stopped:
+            checkpoint(epoch + 1, 0)
         if stopped:
             break
     if stopped:
