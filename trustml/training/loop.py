@@ -138,12 +138,13 @@ def fit(model: nn.Module, objective, step, batches, *, epochs: int, run_dir: str
             if max_steps is not None and global_step >= max_steps:
                 stopped = f"reached train.max_steps={max_steps}"
                 break
-            if eval_every_steps and evaluate and global_step % eval_every_steps == 0:
+            mid_epoch = done < len(batches)  # the epoch's end validates and checkpoints anyway
+            if eval_every_steps and evaluate and global_step % eval_every_steps == 0 and mid_epoch:
                 record = {"step": global_step, "epoch": epoch, **evaluate()}
                 model.train()
                 log.write(record)
                 show(record)
-            if checkpoint_steps and global_step % checkpoint_steps == 0 and done < len(batches):
+            if checkpoint_steps and global_step % checkpoint_steps == 0 and mid_epoch:
                 checkpoint(epoch, done)
         bar.close()
         record = {"epoch": epoch + 1, "step": global_step, **last,

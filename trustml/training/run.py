@@ -153,6 +153,13 @@ def run_training(config: Config, run_dir: str | Path | None = None, resume: bool
     """Train ``config`` into ``run_dir`` (a new ``runs/<name>-<time>`` when None)."""
     if resume and run_dir is None:
         raise ConfigError("--resume needs the run directory to continue")
+    t = config.train
+    for key, value, plain in (("grad_clip", t.grad_clip, None), ("grad_accum", t.grad_accum, 1),
+                              ("checkpoint_steps", t.checkpoint_steps, None)):
+        if config.privacy.enabled and value != plain:  # DP clips per sample, splits batches
+            raise ConfigError(f"train.{key}: not used with privacy.enabled (DP clips per sample "
+                              "with privacy.max_grad_norm, splits batches with "
+                              "privacy.physical_batch_size and resumes at epoch boundaries)")
     device = resolve_device(config.run.device)
     world = distributed.setup(device)
     device = distributed.rank_device(device, world)
@@ -175,12 +182,6 @@ def run_training(config: Config, run_dir: str | Path | None = None, resume: bool
     if config.privacy.enabled:
         from trustml.privacy import ensure_decomposable, make_private
 
-        t = config.train
-        for key, value, plain in (("grad_clip", t.grad_clip, None), ("grad_accum", t.grad_accum, 1),
-                                  ("checkpoint_steps", t.checkpoint_steps, None)):
-            if value != plain:  # DP clips per sample, splits batches itself, resumes per epoch
-                raise ConfigError(f"train.{key}: not used with privacy.enabled (use "
-                                  "privacy.max_grad_norm / privacy.physical_batch_size)")
 
         p = config.privacy
         try:
