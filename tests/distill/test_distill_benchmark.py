@@ -63,3 +63,24 @@ def test_bootstrap_against_hand_cases():
     assert np.all(bootstrap_means(same, n=50) == 2.0)
     signed = bootstrap_means([np.array([1.0, -1.0])], n=4000, stat=lambda v: v)
     assert signed.mean() == pytest.approx(0.0, abs=0.05) and signed.min() == -1.0
+
+
+def test_finished_seeds_are_read_back_not_rerun(tmp_path, monkeypatch):
+    overrides = [
+        "distill.corpus_size=100", "distill.teacher_epochs=1", "distill.generations=1",
+        "train.epochs=1", "distill.student_layers=[0]", "distill.seeds=[3]",
+        "model.config={n_layer: 1, n_embd: 8, n_head: 2, n_positions: 32}",
+    ]
+    config = cfgmod.load(ROOT / "configs" / "cf_distill_offline.yaml", overrides)
+    first = run(config, tmp_path)
+    import trustml.distill.benchmark as bench
+
+    def refuse(*_, **__):
+        raise AssertionError("a finished seed was trained again")
+
+    monkeypatch.setattr(bench, "run_training", refuse)
+    assert run(config, tmp_path)["results"] == first["results"]
+    changed = cfgmod.load(ROOT / "configs" / "cf_distill_offline.yaml",
+                          [*overrides, "distill.alpha_lm=0.25"])
+    with pytest.raises(AssertionError, match="trained again"):
+        run(changed, tmp_path)

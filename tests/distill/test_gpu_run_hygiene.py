@@ -18,7 +18,7 @@ from trustml.config import TrainConfig
 from trustml.data.sampling import ShuffledBatches
 from trustml.evaluation.perplexity import perplexity
 from trustml.training.loop import fit
-from trustml.training.objectives import LMObjective, ObjectiveOutput
+from trustml.training.objectives import ObjectiveOutput
 from trustml.training.run import make_scheduler, run_training
 from trustml.training.step import PlainStep
 

@@ -16,6 +16,8 @@ within each seed), generation polarity, and perplexity on sentences that occur i
 corpus. Nothing is pass/fail: the report states what was measured. The run uses one intra-op
 thread (restored afterwards), so a seed's figures do not depend on the machine's thread count.
 Every model is an ordinary run directory made by ``run_training`` (``evaluate.py`` works on each).
+A seed whose ``seed<N>/results.json`` exists with the same settings is read back, not rerun, so
+an interrupted benchmark resumes and seeds can run as separate processes into one directory.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from trustml import config as cfgmod
 from trustml.config import Config, ConfigError, from_dict
 from trustml.data.text import TextDataset, load_tokenizer
 from trustml.distill import vocabulary
@@ -85,26 +88,47 @@ def corpora(config: Config, seed: int) -> dict[str, list[str]]:
             "heldout": [s for s in pool if s not in seen]}
 
 
+def _settings(config: Config) -> dict[str, Any]:
+    """A seed's settings without its file locations (for recognising a finished seed)."""
+    d = config.to_dict()
+    d["data"]["text_path"] = None
+    if d["data"]["tokenizer"].endswith("tokenizer"):
+        d["data"]["tokenizer"] = WORD_TOKENIZER
+    d["run"]["output_dir"] = None
+    return d
+
+
+def _finished(run_dir: Path, teacher_cfg: Config) -> dict[str, Any] | None:
+    """The results of a seed already run with the same settings (the benchmark resumes)."""
+    results, saved = run_dir / "results.json", run_dir / "teacher" / "config.yaml"
+    if results.is_file() and saved.is_file():
+        if _settings(cfgmod.load(saved)) == _settings(teacher_cfg):
+            return json.loads(results.read_text())
+    return None
+
+
 def _one_seed(config: Config, run_dir: Path, seed: int, progress: bool) -> dict[str, Any]:
     d = config.distill
     began = time.process_time()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    texts = corpora(config, seed)
-    paths = {name: _write(run_dir / f"{name}.txt", lines) for name, lines in texts.items()}
-    tokenizer_name = config.data.tokenizer
-    if tokenizer_name == WORD_TOKENIZER:
-        tokenizer_name = str(run_dir / "tokenizer")
-        novel = [t.format(p="x") for t in vocabulary.templates("novel")]
-        word_tokenizer(texts["teacher"], extra_words=novel).save_pretrained(tokenizer_name)
-    tokenizer = load_tokenizer(tokenizer_name)
-
     base = config.to_dict()
     base["run"].update(experiment="train", seed=seed)
+    tokenizer_name = (str(run_dir / "tokenizer") if config.data.tokenizer == WORD_TOKENIZER
+                      else config.data.tokenizer)
     base["data"].update(dataset="professions", path=None, tokenizer=tokenizer_name)
     base["distill"]["enabled"] = False
     teacher_cfg = from_dict(_merge(base, {
-        "data": {"text_path": paths["teacher"]},
+        "data": {"text_path": str(run_dir / "teacher.txt")},
         "train": {"epochs": d.teacher_epochs or config.train.epochs}}))
+    done = _finished(run_dir, teacher_cfg)
+    if done is not None:
+        return done
+    run_dir.mkdir(parents=True, exist_ok=True)
+    texts = corpora(config, seed)
+    paths = {name: _write(run_dir / f"{name}.txt", lines) for name, lines in texts.items()}
+    if config.data.tokenizer == WORD_TOKENIZER:
+        novel = [t.format(p="x") for t in vocabulary.templates("novel")]
+        word_tokenizer(texts["teacher"], extra_words=novel).save_pretrained(tokenizer_name)
+    tokenizer = load_tokenizer(tokenizer_name)
     teacher = run_training(teacher_cfg, run_dir / "teacher", progress=progress)
     teacher_path = run_dir / "teacher" / "hf"
     teacher.model.save_pretrained(teacher_path)

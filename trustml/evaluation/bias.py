@@ -94,38 +94,52 @@ def count_gendered(text: str) -> tuple[int, int]:
 
 
 @torch.no_grad()
+def sample_continuations(model: nn.Module, tokenizer: PreTrainedTokenizerBase,
+                         prompts: dict[Any, str], k: int = 1, max_new_tokens: int = 20,
+                         top_p: float = 0.9, seed: int = 0, progress: bool = False
+                         ) -> dict[Any, list[str]]:
+    """``k`` top-p continuations (text after the prompt, cut at eos) of every prompt, seeded and
+    batched by token length; continuations are cut to fit the model's ``n_positions`` and a
+    prompt with no room left gets none."""
+    device = next(model.parameters()).device
+    ids_of = {key: _prompt_ids(tokenizer, text) for key, text in prompts.items()}
+    out: dict[Any, list[str]] = {key: [] for key in prompts}
+    model.eval()
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        for length, keys in tqdm(sorted(_by_length(ids_of).items()), disable=not progress,
+                                 desc="sampling", leave=False):
+            budget = min(max_new_tokens, _context_size(model) - length)
+            if budget < 1:  # no room left in the context to continue this prompt
+                continue
+            ids = torch.tensor([ids_of[key] for key in keys], device=device)
+            generated = model.generate(
+                input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True, top_p=top_p,
+                top_k=0, max_new_tokens=budget, num_return_sequences=k,
+                pad_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
+            )
+            for row, sequence in enumerate(generated[:, length:].tolist()):
+                if tokenizer.eos_token_id in sequence:
+                    sequence = sequence[: sequence.index(tokenizer.eos_token_id)]
+                out[keys[row // k]].append(tokenizer.decode(sequence))
+    return out
+
+
 def generation_polarity(model: nn.Module, tokenizer: PreTrainedTokenizerBase, k: int = 5,
                         max_new_tokens: int = 20, top_p: float = 0.9, seed: int = 0,
                         professions: tuple[str, ...] = PROFESSIONS,
                         templates: tuple[str, ...] = TEMPLATES,
                         progress: bool = False) -> dict[str, Any]:
-    """``{"mean_polarity", "min_polarity", "polarity": {p: .}, "counts": {p: [M, F]}}``;
-    continuations are cut to fit the model's ``n_positions``."""
-    device = next(model.parameters()).device
-    prompts = {(p, t): _prompt_ids(tokenizer, t.format(p=p)) for p in professions for t in templates}
+    """``{"mean_polarity", "min_polarity", "polarity": {p: .}, "counts": {p: [M, F]}}``."""
+    prompts = {(p, t): t.format(p=p) for p in professions for t in templates}
+    texts = sample_continuations(model, tokenizer, prompts, k, max_new_tokens, top_p, seed,
+                                 progress)
     counts = {p: [0, 0] for p in professions}
-    model.eval()
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        for length, keys in tqdm(sorted(_by_length(prompts).items()), disable=not progress,
-                                 desc="sampling", leave=False):
-            budget = min(max_new_tokens, _context_size(model) - length)
-            if budget < 1:  # no room left in the context to continue this prompt
-                continue
-            ids = torch.tensor([prompts[key] for key in keys], device=device)
-            out = model.generate(
-                input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True, top_p=top_p,
-                top_k=0, max_new_tokens=budget,
-                num_return_sequences=k,
-                pad_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
-            )
-            for row, sequence in enumerate(out[:, length:].tolist()):
-                if tokenizer.eos_token_id in sequence:
-                    sequence = sequence[: sequence.index(tokenizer.eos_token_id)]
-                male, female = count_gendered(tokenizer.decode(sequence))
-                profession = keys[row // k][0]
-                counts[profession][0] += male
-                counts[profession][1] += female
+    for (profession, _), continuations in texts.items():
+        for text in continuations:
+            male, female = count_gendered(text)
+            counts[profession][0] += male
+            counts[profession][1] += female
     polarity = {}
     for p, (male, female) in counts.items():
         ratio = (female + 1) / (male + 1)
@@ -198,9 +212,47 @@ def evaluate_lm_model(model: nn.Module, tokenizer: PreTrainedTokenizerBase, out_
     return metrics, "\n".join(lines), plots
 
 
+def external_benchmarks(model: nn.Module, tokenizer: PreTrainedTokenizerBase, bias,
+                        seed: int = 0) -> tuple[dict[str, Any], list[str]]:
+    """BOLD (with the configured classifier), CrowS-Pairs and StereoSet/WinoBias-style pairs, as
+    far as ``bias`` (the config's ``bias`` section) names them: (metrics, markdown lines)."""
+    from trustml.evaluation.paired import load_crows_pairs, load_pairs, paired_preference
+
+    metrics: dict[str, Any] = {}
+    lines: list[str] = []
+    if bias.bold is not None:
+        from trustml.evaluation.bold import load_bold, score_bold
+        from trustml.evaluation.classifier import TextClassifier
+
+        device = next(model.parameters()).device
+        classifier = TextClassifier(bias.classifier, device) if bias.classifier else None
+        prompts = load_bold(bias.bold, bias.bold_domains, bias.bold_prompts)
+        metrics["bold"] = score_bold(model, tokenizer, prompts, classifier, seed)
+        for domain, result in metrics["bold"].items():
+            spread = ", ".join(f"{k} {v:.3f}" for k, v in result["label_spread"].items())
+            counts = ", ".join(f"{c} {e['male_words']}M/{e['female_words']}F"
+                               for c, e in result["categories"].items())
+            lines.append(f"- BOLD {domain} ({sum(e['n'] for e in result['categories'].values())} "
+                         f"prompts): gendered words {counts}"
+                         + (f"; classifier label spread across categories: {spread}"
+                            if spread else ""))
+    for key, loader, name in (("crows_pairs", load_crows_pairs, "CrowS-Pairs"),
+                              ("paired", load_pairs, "paired sentences")):
+        path = getattr(bias, key)
+        if path is not None:
+            result = paired_preference(model, tokenizer, loader(path), seed=seed)
+            metrics[key] = result
+            low, high = result["ci"]
+            lines.append(f"- {name}: prefers the stereotypical sentence in "
+                         f"{result['stereotype_share']:.1%} of {result['n']} pairs "
+                         f"(95% CI {low:.1%}-{high:.1%}; 50% = no preference)")
+    return metrics, lines
+
+
 def evaluate_lm(ctx: EvalContext) -> ReportSection:
     """Evaluator for ``evaluate.py``: bias probe, polarity and perplexity of a language-model run
-    (professions and templates from ``bias.*`` when set)."""
+    (professions and templates from ``bias.*`` when set), plus the external benchmarks that
+    ``bias.*`` names."""
     bias = ctx.config.bias
     metrics, markdown, plots = evaluate_lm_model(
         ctx.model, ctx.parts.tokenizer, ctx.out_dir, val_dataset=ctx.parts.val,
@@ -208,4 +260,7 @@ def evaluate_lm(ctx: EvalContext) -> ReportSection:
         professions=tuple(bias.professions or PROFESSIONS),
         templates=tuple(bias.templates or TEMPLATES),
     )
+    extra, lines = external_benchmarks(ctx.model, ctx.parts.tokenizer, bias, ctx.config.run.seed)
+    metrics.update(extra)
+    markdown = "\n".join([markdown, *lines])
     return ReportSection("Language model: gender bias and perplexity", metrics, markdown, plots)
