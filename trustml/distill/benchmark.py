@@ -94,7 +94,7 @@ def _settings(config: Config) -> dict[str, Any]:
     d["data"]["text_path"] = None
     if d["data"]["tokenizer"].endswith("tokenizer"):
         d["data"]["tokenizer"] = WORD_TOKENIZER
-    d["run"]["output_dir"] = None
+    d["run"]["output_dir"] = d["distill"]["seeds"] = None  # where, and which other seeds
     return d
 
 
