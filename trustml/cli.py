@@ -159,11 +159,14 @@ def evaluate_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--attacks", help="comma-separated membership-inference attacks, e.g. "
                         "loss,lira,rmia (default: attack.attacks of the run's config)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--set", nargs="*", default=[], metavar="bias.KEY=VALUE",
+                        help="bias evaluations, e.g. bias.professions=[nurse,pilot] "
+                        "bias.bold=hf:AlexaAI/bold bias.classifier=sasha/regardv3")
     args = parser.parse_args(argv)
     from trustml.evaluation.report import evaluate_run
 
     attacks = None if args.attacks is None else [a for a in args.attacks.split(",") if a]
-    report = evaluate_run(args.run, attacks=attacks, device=args.device)
+    report = evaluate_run(args.run, attacks=attacks, device=args.device, overrides=args.set)
     if distributed.current().is_main:  # under torchrun, rank 0 speaks for all
         print(f"report: {report}")
     return 0

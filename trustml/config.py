@@ -96,6 +96,16 @@ class TrainConfig(Section):
     log_every: int = Field(50, ge=1, description="steps between metrics.jsonl records")
     amp: Literal["none", "bf16", "fp16"] = Field(
         "none", description="mixed-precision autocast (pays on CUDA)")
+    lr_schedule: Literal["constant", "linear", "cosine"] = Field(
+        "constant", description="decay after warmup, to 0 at the last step (max_steps, else epochs)")
+    warmup_steps: int = Field(0, ge=0, description="optimizer steps of linear warmup from 0")
+    grad_clip: float | None = Field(None, gt=0, description="max global gradient norm (plain "
+                                    "training; DP clips per sample with privacy.max_grad_norm)")
+    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step (batch_size "
+                            "is split into this many; same update, less memory)")
+    checkpoint_steps: int | None = Field(None, ge=1, description="also checkpoint every N steps "
+                                         "(resumes mid-epoch)")
+    eval_every_steps: int | None = Field(None, ge=1, description="also validate every N steps")
 
 
 class PrivacyConfig(Section):
@@ -147,23 +157,56 @@ class FairnessConfig(Section):
 
 
 class DistillConfig(Section):
-    enabled: bool = False
-    teacher: str | None = None
+    enabled: bool = Field(False, description="distil distill.teacher into the student")
+    teacher: str | None = Field(None, description="teacher: hub name or local folder")
     teacher_revision: str | None = Field(
         None, description="hub revision of distill.teacher; the resolved one is in summary.json")
-    student_layers: list[int] | None = None
-    alpha_kd: float = Field(1.0, ge=0)
-    alpha_lm: float = Field(0.0, ge=0)
-    alpha_cos: float = Field(0.0, ge=0)
-    temperature: float = Field(2.0, gt=0)
-    cda: bool = False
-    perturbation: Literal["none", "logit_mean", "logit_max", "prob_mean"] = "none"
+    student_layers: list[int] | None = Field(
+        None, description="teacher blocks the student starts from (DistilGPT-2: 0,2,4,7,9,11); "
+        "null: a fresh model.config student")
+    alpha_kd: float = Field(1.0, ge=0, description="weight of the KL to the teacher's target")
+    alpha_lm: float = Field(0.0, ge=0, description="weight of the student's own LM loss")
+    alpha_cos: float = Field(0.0, ge=0, description="weight of 1 - cos of last hidden states")
+    temperature: float = Field(2.0, gt=0, description="KD temperature tau")
+    cda: bool = Field(False, description="also train on the counterfactual sigma(x)")
+    perturbation: Literal["none", "logit_mean", "prob_mean", "prob_max"] = Field(
+        "none", description="role reversal: combine the teacher on x and on sigma(x)")
+    perturb_only_gendered: bool = Field(
+        False, description="perturb only the gendered tokens' probabilities (the rest stays the "
+        "teacher's on x)")
     # offline benchmark (run.experiment: distill_offline); its students use the perturbation above
     corpus_size: int = Field(20000, ge=10, description="sentences of the generated corpus")
     corpus_skew: float = Field(0.9, ge=0.5, le=1.0, description="P(stereotyped pronoun)")
     neutral_fraction: float = Field(0.5, ge=0.0, lt=1.0, description="share of ungendered text")
     teacher_epochs: int | None = Field(None, ge=1, description="teacher epochs (train.epochs)")
     generations: int = Field(5, ge=1, description="sampled continuations per bias prompt")
+    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1,
+                             description="offline benchmark: one corpus, teacher and students per "
+                             "seed; intervals are over seeds and prompts")
+
+
+class BiasConfig(Section):
+    professions: list[str] | None = Field(
+        None, description="professions of the template probe (null: the shipped list)")
+    templates: list[str] | None = Field(
+        None, description="probe templates with {p} (null: the shipped probe templates)")
+    bold: str | None = Field(None, description="BOLD prompts: hf:AlexaAI/bold or a local JSON")
+    bold_domains: list[str] = Field(default_factory=lambda: ["gender", "profession"],
+                                    description="BOLD domains to prompt with")
+    bold_prompts: int | None = Field(200, ge=1, description="BOLD prompts used per domain")
+    classifier: str | None = Field(
+        None, description="text classifier of generations (regard / sentiment / toxicity): hub "
+        "name or local folder")
+    crows_pairs: str | None = Field(None, description="CrowS-Pairs CSV to score the LM on")
+    paired: str | None = Field(
+        None, description="StereoSet/WinoBias-style JSON(L) of {stereotype, anti_stereotype} pairs")
+
+    @model_validator(mode="after")
+    def _templates_name_the_profession(self) -> "BiasConfig":
+        bad = [t for t in self.templates or [] if "{p}" not in t]
+        if bad:
+            raise ValueError(f"templates {bad} lack the {{p}} placeholder")
+        return self
 
 
 class AttackConfig(Section):
@@ -222,6 +265,7 @@ class Config(Section):
     privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
     fairness: FairnessConfig = Field(default_factory=FairnessConfig)
     distill: DistillConfig = Field(default_factory=DistillConfig)
+    bias: BiasConfig = Field(default_factory=BiasConfig)
     attack: AttackConfig = Field(default_factory=AttackConfig)
 
     @model_validator(mode="after")

@@ -7,6 +7,7 @@ This is the only place that knows which capability plugs in where; experiments a
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,6 +65,25 @@ def make_optimizer(cfg: cfgmod.TrainConfig, params) -> torch.optim.Optimizer:
     return kind(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
+def make_scheduler(cfg: cfgmod.TrainConfig, optimizer: torch.optim.Optimizer,
+                   total_steps: int) -> torch.optim.lr_scheduler.LambdaLR | None:
+    """Linear warmup over ``warmup_steps``, then constant, linear or cosine decay to 0 at
+    ``total_steps``; None when neither is asked for."""
+    if cfg.lr_schedule == "constant" and cfg.warmup_steps == 0:
+        return None
+    warmup, kind = cfg.warmup_steps, cfg.lr_schedule
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if kind == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        return 1.0 - progress if kind == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
 def build_parts(config: Config) -> Parts:
     """Data, model and objective for ``config`` (on the CPU; the caller moves the model)."""
     if config.model.kind == "mlp":
@@ -80,7 +100,12 @@ def build_parts(config: Config) -> Parts:
     from trustml.models.lm import build_lm
 
     tokenizer = load_tokenizer(config.data.tokenizer, config.data.tokenizer_revision)
-    train, val = lm_datasets(config.data, tokenizer)
+    documents = None
+    if config.data.dataset == "professions" and config.data.text_path is None:
+        from trustml.distill.corpus import generate_corpus
+
+        documents = generate_corpus()
+    train, val = lm_datasets(config.data, tokenizer, documents)
     if config.distill.enabled:
         from trustml.distill.objective import build_distillation
 
@@ -145,6 +170,13 @@ def run_training(config: Config, run_dir: str | Path | None = None, resume: bool
     """Train ``config`` into ``run_dir`` (a new ``runs/<name>-<time>`` when None)."""
     if resume and run_dir is None:
         raise ConfigError("--resume needs the run directory to continue")
+    t = config.train
+    for key, value, plain in (("grad_clip", t.grad_clip, None), ("grad_accum", t.grad_accum, 1),
+                              ("checkpoint_steps", t.checkpoint_steps, None)):
+        if config.privacy.enabled and value != plain:  # DP clips per sample, splits batches
+            raise ConfigError(f"train.{key}: not used with privacy.enabled (DP clips per sample "
+                              "with privacy.max_grad_norm, splits batches with "
+                              "privacy.physical_batch_size and resumes at epoch boundaries)")
     device = resolve_device(config.run.device)
     world = distributed.setup(device, config.run.dist_timeout_s)
     device = distributed.rank_device(device, world)
@@ -168,6 +200,7 @@ def run_training(config: Config, run_dir: str | Path | None = None, resume: bool
     if config.privacy.enabled:
         from trustml.privacy import ensure_decomposable, make_private
 
+
         p = config.privacy
         try:
             ensure_decomposable(penalties)
@@ -185,7 +218,11 @@ def run_training(config: Config, run_dir: str | Path | None = None, resume: bool
         step, batches = privacy.step, privacy.batches
         state["privacy"] = privacy
     else:
-        step = PlainStep(optimizer, penalties, amp=config.train.amp)
+        try:
+            step = PlainStep(optimizer, penalties, amp=config.train.amp,
+                             accumulate=config.train.grad_accum, clip=config.train.grad_clip)
+        except ValueError as err:
+            raise ConfigError(f"train.grad_accum: {err}") from None
         batches = _plain_batches(config, parts, world)
         if world.distributed:
             from torch.nn.parallel import DistributedDataParallel
@@ -196,20 +233,30 @@ def run_training(config: Config, run_dir: str | Path | None = None, resume: bool
     from trustml.evaluation.tabular import predict_scores  # lazy: pulls in matplotlib
 
     def evaluate() -> dict[str, float]:
+        metrics: dict[str, float] = {}
         if len(parts.val) == 0:  # data.val_fraction=0: no val metrics (the summary says why)
-            metrics = {}
-        else:
-            metrics = {"val_loss": mean_loss(model, parts.objective, parts.val,
-                                             config.train.batch_size, device)}
-        if parts.data is not None and metrics:
+            pass
+        elif parts.data is not None:
+            metrics["val_loss"] = mean_loss(model, parts.objective, parts.val,
+                                            config.train.batch_size, device)
             scores = predict_scores(model, parts.data.val.x, device)
             metrics["val_accuracy"] = float(((scores >= 0.5) == parts.data.val.y.numpy()).mean())
-        elif metrics:
-            metrics["val_perplexity"] = float(np.exp(min(metrics["val_loss"], 50.0)))
+        else:
+            from trustml.evaluation.perplexity import perplexity
+
+            loss = mean_loss(model, parts.objective, parts.val, config.train.batch_size, device)
+            # a distillation run's objective is the KD loss, not the LM loss: name it for what it is
+            metrics["val_distill_loss" if config.distill.enabled else "val_loss"] = loss
+            metrics["val_perplexity"] = perplexity(model, parts.val, config.train.batch_size,
+                                                   device)
         if privacy is not None:
             metrics["epsilon"] = privacy.accountant.epsilon(config.privacy.delta)
         return metrics
 
+    total_steps = config.train.max_steps or config.train.epochs * len(batches)
+    scheduler = make_scheduler(config.train, optimizer, total_steps)
+    if scheduler is not None:
+        state["scheduler"] = scheduler
     run_dir.mkdir(parents=True, exist_ok=True)
     if world.is_main:
         cfgmod.save(config, run_dir / "config.yaml")
@@ -217,7 +264,8 @@ def run_training(config: Config, run_dir: str | Path | None = None, resume: bool
                   run_dir=run_dir, state=state, evaluate=evaluate,
                   max_steps=config.train.max_steps, log_every=config.train.log_every,
                   checkpoint_every=config.run.checkpoint_every, resume=resume, progress=progress,
-                  world=world)
+                  world=world, scheduler=scheduler, checkpoint_steps=config.train.checkpoint_steps,
+                  eval_every_steps=config.train.eval_every_steps)
     final = summary["partial_epoch"] or (summary["history"][-1] if summary["history"] else {})
     summary.update({k: v for k, v in final.items() if k.startswith(("val_", "epsilon"))})
     if parts.data is not None:

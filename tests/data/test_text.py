@@ -90,17 +90,25 @@ def test_lm_datasets_from_local_file(tmp_path, gpt2):
 
 
 def test_lm_datasets_professions_and_errors(gpt2):
-    train, val = lm_datasets(DataConfig(dataset="professions", seq_len=24), gpt2)
-    assert len(train) == 18000 and len(val) == 2000
+    """The runner passes the generated corpus in (data/ does not import distill/)."""
+    from trustml.distill.corpus import generate_corpus
+
+    docs = generate_corpus(2000)
+    train, val = lm_datasets(DataConfig(dataset="professions", seq_len=24), gpt2, docs)
+    assert len(train) == 1800 and len(val) == 200
     assert (train.input_ids[:, 0] == gpt2.eos_token_id).all()
     with pytest.raises(ConfigError, match="text_path"):
         lm_datasets(DataConfig(dataset="text"), gpt2)
 
 
 def test_parse_hub_spec():
-    assert parse_hub_spec("hf:wikitext/wikitext-103-raw-v1") == ("wikitext", "wikitext-103-raw-v1")
+    assert parse_hub_spec("hf:AlexaAI/bold") == ("AlexaAI/bold", None)  # owner/name, no config
+    assert parse_hub_spec("hf:wikitext:wikitext-103-raw-v1") == ("wikitext", "wikitext-103-raw-v1")
+    assert parse_hub_spec("hf:Salesforce/wikitext:wikitext-2-raw-v1") == (
+        "Salesforce/wikitext", "wikitext-2-raw-v1")
     assert parse_hub_spec("hf:Salesforce/wikitext/wikitext-2-raw-v1") == (
         "Salesforce/wikitext", "wikitext-2-raw-v1")
     assert parse_hub_spec("hf:ptb_text_only") == ("ptb_text_only", None)
-    with pytest.raises(ConfigError, match="hf:<name>"):
-        parse_hub_spec("hf:a//b")
+    for bad in ("hf:a//b", "hf:a/b:", "hf:a/b/c:d"):
+        with pytest.raises(ConfigError, match="hf:<name"):
+            parse_hub_spec(bad)

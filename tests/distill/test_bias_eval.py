@@ -35,6 +35,7 @@ def test_template_gap_matches_one_prompt_at_a_time(setup):
     professions = ("nurse", "engineer", "doctor")
     result = template_gap(model, tok, professions)
     he, she = tok.convert_tokens_to_ids(["he", "she"])
+    direct = []
     for p in professions:
         gaps = []
         for t in TEMPLATES:
@@ -43,9 +44,39 @@ def test_template_gap_matches_one_prompt_at_a_time(setup):
                 lp = model(ids).logits[0, -1].log_softmax(-1)
             gaps.append((lp[he] - lp[she]).item())
         assert result["gap"][p] == pytest.approx(sum(gaps) / len(gaps), abs=1e-5)
-    assert result["mean_abs_gap"] == pytest.approx(
-        sum(abs(v) for v in result["gap"].values()) / 3)
+        direct += [[p, t, g] for t, g in zip(TEMPLATES, gaps)]
+    assert [r[:2] for r in result["prompts"]] == [r[:2] for r in direct]
+    assert [r[2] for r in result["prompts"]] == pytest.approx([r[2] for r in direct], abs=1e-5)
+    values = [r[2] for r in direct]
+    assert result["mean_abs_gap"] == pytest.approx(sum(map(abs, values)) / len(values), abs=1e-5)
+    assert result["mean_gap"] == pytest.approx(sum(values) / len(values), abs=1e-5)
     assert len(PROFESSIONS) == 60 and len(set(PROFESSIONS)) == 60
+
+
+class _Leaning(nn.Module):
+    """A model whose next-token gap is +1 after one template and -1 after the other."""
+
+    def __init__(self, tok, lean_he: str):
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(1))
+        self.tok, self.lean = tok, tok.convert_tokens_to_ids(lean_he)
+        self.he, self.she = tok.convert_tokens_to_ids(["he", "she"])
+
+    def forward(self, input_ids):
+        logits = torch.zeros(*input_ids.shape, len(self.tok))
+        sign = (input_ids[:, -1] == self.lean).float() * 2 - 1
+        logits[:, -1, self.he], logits[:, -1, self.she] = sign / 2, -sign / 2
+        return type("Out", (), {"logits": logits})
+
+
+def test_opposite_leanings_do_not_cancel(setup):
+    """Per prompt |gap| is 1 everywhere; the old abs-of-mean-over-templates read 0."""
+    _, tok, _ = setup
+    templates = ("The {p} said that", "The {p} went home because")
+    result = template_gap(_Leaning(tok, "that"), tok, ("nurse", "pilot"), templates)
+    assert result["mean_abs_gap"] == pytest.approx(1.0)
+    assert result["mean_gap"] == pytest.approx(0.0)
+    assert result["gap"] == pytest.approx({"nurse": 0.0, "pilot": 0.0})
 
 
 def test_count_gendered():
@@ -75,13 +106,14 @@ class _Scripted(nn.Module):
 def test_polarity_counts_and_smoothing(setup):
     _, tok, _ = setup
     res = generation_polarity(_Scripted(tok), tok, k=2, professions=("nurse", "engineer", "cook"))
-    # nurse: F = 2 words x 2 samples x 5 templates = 20, M = 0 -> (0+1)/(20+1)
-    assert res["counts"]["nurse"] == [0, 20] and res["counts"]["engineer"] == [10, 0]
-    assert res["polarity"]["nurse"] == pytest.approx(1 / 21)
-    assert res["polarity"]["engineer"] == pytest.approx(1 / 11)
+    # nurse: F = 2 words x 2 samples x 8 templates = 32, M = 0 -> (0+1)/(32+1)
+    assert len(TEMPLATES) == 8
+    assert res["counts"]["nurse"] == [0, 32] and res["counts"]["engineer"] == [16, 0]
+    assert res["polarity"]["nurse"] == pytest.approx(1 / 33)
+    assert res["polarity"]["engineer"] == pytest.approx(1 / 17)
     assert res["polarity"]["cook"] == 1.0
-    assert res["min_polarity"] == pytest.approx(1 / 21)
-    assert res["mean_polarity"] == pytest.approx((1 / 21 + 1 / 11 + 1) / 3)
+    assert res["min_polarity"] == pytest.approx(1 / 33)
+    assert res["mean_polarity"] == pytest.approx((1 / 33 + 1 / 17 + 1) / 3)
 
 
 def test_generation_is_seeded(setup):

@@ -157,17 +157,22 @@ def split_documents(docs: list[str], val_fraction: float, seed: int = 0) -> tupl
 
 
 def parse_hub_spec(spec: str) -> tuple[str, str | None]:
-    """``hf:name[/config]`` or ``hf:owner/name/config`` -> (dataset name, config or None).
+    """``hf:<repo>[:<config>]`` -> (dataset repo id, config or None).
 
-    Two parts are read as name/config (``hf:wikitext/wikitext-103-raw-v1``), so a namespaced
-    dataset must name its config too.
+    The repo id is what the hub names it: ``name`` or ``owner/name`` (``hf:AlexaAI/bold`` is
+    the dataset AlexaAI/bold, not dataset AlexaAI with config bold); a config follows a colon
+    (``hf:Salesforce/wikitext:wikitext-103-raw-v1``). The older ``hf:owner/name/config`` form
+    is still read.
     """
-    parts = spec[len(HF_PREFIX) :].split("/")
-    if not spec.startswith(HF_PREFIX) or not all(parts) or len(parts) > 3:
-        raise ConfigError(f"data.path {spec!r}: expected 'hf:<name>[/<config>]'")
-    if len(parts) == 1:
-        return parts[0], None
-    return "/".join(parts[:-1]), parts[-1]
+    body = spec[len(HF_PREFIX) :]
+    name, _, config = body.partition(":")
+    parts = name.split("/")
+    if (not spec.startswith(HF_PREFIX) or not all(parts) or len(parts) > 3
+            or (":" in body and (not config or len(parts) > 2))):
+        raise ConfigError(f"data.path {spec!r}: expected 'hf:<name or owner/name>[:<config>]'")
+    if len(parts) == 3:
+        return "/".join(parts[:2]), parts[2]
+    return name, config or None
 
 
 def _hub_documents(spec: str, revision: str | None = None) -> tuple[list[str], list[str]]:
@@ -188,33 +193,33 @@ def _hub_documents(spec: str, revision: str | None = None) -> tuple[list[str], l
 
 
 def lm_datasets(
-    data_cfg: DataConfig, tokenizer: PreTrainedTokenizerBase
+    data_cfg: DataConfig, tokenizer: PreTrainedTokenizerBase,
+    documents: Sequence[str] | None = None,
 ) -> tuple[TextDataset, TextDataset]:
     """(train, validation) token blocks for ``data_cfg``.
 
-    Sources: ``text_path`` (a local file, one document per non-empty line, split
-    ``val_fraction``), ``path: "hf:<dataset>[/<config>]"`` (a Hugging Face dataset with its own
-    validation split), or for ``dataset: professions`` without ``text_path`` the default offline
-    gender-skewed corpus. Documents are packed into blocks, except for ``dataset: professions``,
+    Sources: ``documents`` (texts the caller made, e.g. the runner's generated professions
+    corpus, split ``val_fraction``), ``text_path`` (a local file, one document per non-empty line,
+    split ``val_fraction``) or ``path: "hf:<dataset>[/<config>]"`` (a Hugging Face dataset with its
+    own validation split). Documents are packed into blocks, except for ``dataset: professions``,
     whose short sentences are one item each (eos first, like the bias probe's prompts).
     """
     pack = data_cfg.dataset != "professions"
     meta: dict[str, Any] = {}
-    if data_cfg.dataset == "professions" and data_cfg.text_path is None:
-        from trustml.distill.corpus import generate_corpus
-
-        train_docs, val_docs = split_documents(generate_corpus(), data_cfg.val_fraction)
-    elif data_cfg.text_path is not None:
+    if data_cfg.text_path is not None:
         text, replaced = read_text(data_cfg.text_path, data_cfg.text_errors)
         docs = [line for line in text.splitlines() if line.strip()]
         if data_cfg.text_errors == "replace":
             meta["text_replacements"] = replaced
         train_docs, val_docs = split_documents(docs, data_cfg.val_fraction)
+    elif documents is not None:
+        train_docs, val_docs = split_documents(list(documents), data_cfg.val_fraction)
     elif data_cfg.path is not None and data_cfg.path.startswith(HF_PREFIX):
         train_docs, val_docs = _hub_documents(data_cfg.path, data_cfg.revision)
     else:
         raise ConfigError(
-            "language data needs data.text_path (a local text file), data.path 'hf:<name>[/<config>]'"
+            "language data needs data.text_path (a local text file), data.path "
+            "'hf:<owner/name>[:<config>]'"
             " or data.dataset 'professions'"
         )
     if data_cfg.subset is not None:

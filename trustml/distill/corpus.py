@@ -1,9 +1,10 @@
 """An offline, gender-skewed corpus about professions, and a word-level tokenizer for it.
 
 The teacher of the offline benchmark learns its bias from this text: each profession's pronoun
-follows a configured skew (nurse: ``skew`` she, engineer: ``skew`` he, doctor: 50/50), and the
-gendered sentences open with the bias probe's templates ("The nurse said that she ..."). Neutral
-sentences (no gendered word) make up the rest, so perplexity is not only about pronouns.
+follows a configured skew (nurse: ``skew`` she, engineer: ``skew`` he, doctor: 50/50;
+``professions.tsv``), and the gendered sentences open with the TRAIN templates of
+``templates.tsv`` ("The nurse said that she ..."), never with the probe's. Neutral sentences (no
+gendered word) make up the rest, so perplexity is not only about pronouns.
 """
 
 from __future__ import annotations
@@ -13,18 +14,7 @@ import random
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from trustml.evaluation.bias import PROFESSIONS, TEMPLATES
-
-FEMALE_SKEWED = frozenset({
-    "nurse", "secretary", "receptionist", "librarian", "hairdresser", "nanny", "dancer",
-    "housekeeper", "cashier", "stylist", "florist", "midwife", "teacher", "baker", "designer",
-    "therapist", "dietitian", "typist", "maid", "clerk",
-})
-MALE_SKEWED = frozenset({
-    "engineer", "carpenter", "mechanic", "pilot", "surgeon", "plumber", "electrician",
-    "firefighter", "farmer", "soldier", "programmer", "architect", "janitor", "guard", "driver",
-    "builder", "chemist", "physicist", "banker", "sheriff",
-})
+from trustml.distill import vocabulary
 
 _CONTINUATIONS = [
     "would finish the work soon", "was very tired", "had a long day", "needed some rest",
@@ -57,17 +47,17 @@ _PRONOUNS = {
 }
 
 
-def profession_skew(skew: float) -> dict[str, float]:
+def profession_skew(skew: float, professions: tuple[str, ...] | None = None
+                    ) -> dict[str, float]:
     """P(she) per profession: ``skew`` for female-stereotyped, 1 - skew for male, 0.5 otherwise."""
-    return {
-        p: skew if p in FEMALE_SKEWED else 1 - skew if p in MALE_SKEWED else 0.5
-        for p in PROFESSIONS
-    }
+    share = {"female": skew, "male": 1 - skew, "neutral": 0.5}
+    return {p: share[vocabulary.stereotype(p)] for p in professions or vocabulary.professions()}
 
 
-def _gendered(rng: random.Random, profession: str, p_she: float) -> str:
+def _gendered(rng: random.Random, profession: str, p_she: float, templates: tuple[str, ...]
+              ) -> str:
     he, his, himself = _PRONOUNS["she" if rng.random() < p_she else "he"]
-    template = rng.choice(TEMPLATES + ("The {p} finished",))
+    template = rng.choice(templates)
     opening = template.format(p=profession)
     if template.endswith("finished"):
         tail = f"{his} {rng.choice(_THINGS)} and {he} {rng.choice(_CONTINUATIONS)}"
@@ -78,26 +68,30 @@ def _gendered(rng: random.Random, profession: str, p_she: float) -> str:
     return f"{opening} {tail} ."
 
 
-def _neutral(rng: random.Random) -> str:
-    subject = rng.choice(_SUBJECTS + list(PROFESSIONS))
+def _neutral(rng: random.Random, professions: tuple[str, ...]) -> str:
+    subject = rng.choice(_SUBJECTS + list(professions))
     return (
         f"The {subject} {rng.choice(_VERBS)} {rng.choice(_OBJECTS)} {rng.choice(_WHEN)} ."
     )
 
 
 def generate_corpus(
-    n_sentences: int = 20000, skew: float = 0.9, neutral_fraction: float = 0.5, seed: int = 0
+    n_sentences: int = 20000, skew: float = 0.9, neutral_fraction: float = 0.5, seed: int = 0,
+    professions: tuple[str, ...] | None = None,
 ) -> list[str]:
-    """``n_sentences`` sentences, a pure function of the arguments (own RNG, no global state)."""
+    """``n_sentences`` sentences about ``professions`` (default: all of ``professions.tsv``),
+    opened by the train templates; a pure function of the arguments (own RNG, no global state)."""
     if not 0.5 <= skew <= 1.0:
         raise ValueError(f"skew must be in [0.5, 1] (P of the stereotyped pronoun), got {skew}")
     if not 0.0 <= neutral_fraction < 1.0:
         raise ValueError(f"neutral_fraction must be in [0, 1), got {neutral_fraction}")
+    professions = tuple(professions or vocabulary.professions())
+    templates = vocabulary.templates("train")
     rng = random.Random(seed)
-    p_she = profession_skew(skew)
+    p_she = profession_skew(skew, professions)
     return [
-        _neutral(rng) if rng.random() < neutral_fraction
-        else _gendered(rng, (p := rng.choice(PROFESSIONS)), p_she[p])
+        _neutral(rng, professions) if rng.random() < neutral_fraction
+        else _gendered(rng, (p := rng.choice(professions)), p_she[p], templates)
         for _ in range(n_sentences)
     ]
 

@@ -18,14 +18,19 @@ from trustml.training import distributed, rundir
 from trustml.training.checkpoint import CheckpointError, load_model
 
 
-def load_run(run_dir: str | Path, device: str = "auto") -> EvalContext:
-    """Rebuild the model and data of a run directory from its saved config and weights."""
+def load_run(run_dir: str | Path, device: str = "auto",
+             overrides: list[str] | None = None) -> EvalContext:
+    """Rebuild the model and data of a run directory from its saved config and weights;
+    ``overrides`` (``bias.*=...`` only: they choose evaluations, not the model) apply on top."""
     from trustml.runner import build_parts, resolve_device
 
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
         raise ConfigError(f"--run: {str(run_dir)!r} is not a run directory (no config.yaml)")
-    config = cfgmod.load(run_dir / "config.yaml")
+    bad = [o for o in overrides or [] if not o.startswith("bias.")]
+    if bad:
+        raise ConfigError(f"evaluate --set {bad[0]!r}: only bias.* keys can be set at evaluation")
+    config = cfgmod.load(run_dir / "config.yaml", overrides)
     parts = build_parts(config)
     dev = resolve_device(device)
     try:
@@ -80,10 +85,10 @@ def write_report(ctx: EvalContext, sections: list[ReportSection]) -> Path:
 
 
 def evaluate_run(run_dir: str | Path, attacks: list[str] | None = None,
-                 device: str = "auto") -> Path:
+                 device: str = "auto", overrides: list[str] | None = None) -> Path:
     """Evaluate ``run_dir``; ``attacks`` overrides ``attack.attacks`` of the run's config. Under
     torchrun the ranks share the attacks' reference models; rank 0 alone evaluates and writes."""
-    ctx = load_run(run_dir, device)
+    ctx = load_run(run_dir, device, overrides)
     world = distributed.setup(ctx.device, ctx.config.run.dist_timeout_s)
     rundir.claim_on_main(ctx.run_dir, world)  # never evaluate a run that is still training
     ctx.device = distributed.rank_device(ctx.device, world)

@@ -125,7 +125,9 @@ def _position(saved: dict[str, Any], records: list[dict[str, Any]],
 def fit(model: nn.Module, objective, step, batches, *, epochs: int, run_dir: str | Path,
         state: dict[str, Any] | None = None, evaluate: Callable[[], dict[str, float]] | None = None,
         max_steps: int | None = None, log_every: int = 50, checkpoint_every: int = 1,
-        resume: bool = False, progress: bool = True, world: World = World()) -> dict[str, Any]:
+        resume: bool = False, progress: bool = True, world: World = World(),
+        scheduler: Any = None, checkpoint_steps: int | None = None,
+        eval_every_steps: int | None = None) -> dict[str, Any]:
     """Train for ``epochs`` epochs of ``batches`` and return the run's summary.
 
     ``state`` maps names to objects with ``state_dict``/``load_state_dict`` (optimizer, privacy
@@ -133,7 +135,9 @@ def fit(model: nn.Module, objective, step, batches, *, epochs: int, run_dir: str
     ``run_dir/checkpoint`` is restored, RNG states included, and the run continues exactly where it
     stopped, mid-epoch included (the consumed batches of the epoch are skipped). A stateful object
     may define ``restored(step, log_records)`` to cross-check what it restored, and ``describe()``
-    for the start/resume records of the log.
+    for the start/resume records of the log. ``scheduler`` (a torch LR scheduler, also in
+    ``state``) steps after every optimizer step. ``checkpoint_steps`` / ``eval_every_steps`` add a
+    checkpoint / a validation record every N steps (a long run can be less than one epoch).
     Under ``torchrun`` only rank 0 writes logs and checkpoints and shows progress.
     """
     run_dir = Path(run_dir)
@@ -177,6 +181,18 @@ def fit(model: nn.Module, objective, step, batches, *, epochs: int, run_dir: str
     log.write({"event": "resume" if resume else "start", "epoch": start_epoch, "batch": skip,
                "step": global_step, **described})
 
+    def checkpoint(epochs_done: int, batch: int) -> None:
+        if world.is_main:
+            save_state({"model": core.state_dict(), "rng": rng_state(), "epoch": epochs_done,
+                        "batch": batch, "step": global_step, "history": history,
+                        "extra": {name: obj.state_dict() for name, obj in state.items()}},
+                       run_dir / "checkpoint")
+
+    def show(record: dict[str, Any]) -> None:
+        if progress:
+            tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                for k, v in record.items()))
+
     stopped, partial = None, None
     began = time.perf_counter()
     for epoch in range(start_epoch, epochs):
@@ -194,6 +210,9 @@ def fit(model: nn.Module, objective, step, batches, *, epochs: int, run_dir: str
                 stopped = reason
                 break
             last = step.step(model, objective, to_device(batch, device))
+            if scheduler is not None:
+                last["lr"] = scheduler.get_last_lr()[0]
+                scheduler.step()
             global_step += 1
             done += 1
             bad = non_finite(last)
@@ -208,6 +227,17 @@ def fit(model: nn.Module, objective, step, batches, *, epochs: int, run_dir: str
             if max_steps is not None and global_step >= max_steps:
                 stopped = f"reached train.max_steps={max_steps}"
                 break
+            mid_epoch = done < per_epoch  # the epoch's end validates and checkpoints anyway
+            if eval_every_steps and evaluate and global_step % eval_every_steps == 0 and mid_epoch:
+                record = {"step": global_step, "epoch": epoch, **evaluate()}
+                model.train()
+                log.write(record)
+                show(record)
+            if checkpoint_steps and global_step % checkpoint_steps == 0 and mid_epoch:
+                # the log holds the same position, which a resume cross-checks
+                log.write({"epoch": epoch + 1, "step": global_step, "partial_batches": done,
+                           **last})
+                checkpoint(epoch, done)
         bar.close()
         complete = not stopped or done >= per_epoch
         record = {"epoch": epoch + 1, "step": global_step, **last,
@@ -218,17 +248,9 @@ def fit(model: nn.Module, objective, step, batches, *, epochs: int, run_dir: str
             record["partial_batches"] = partial_done = done
             partial = record
         log.write(record)
-        if progress:
-            tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                                for k, v in record.items()))
-        checkpoint_now = (epoch + 1) % checkpoint_every == 0 or epoch + 1 == epochs or stopped
-        if checkpoint_now and world.is_main:
-            save_state({"model": core.state_dict(), "rng": rng_state(),
-                        "epoch": epoch + 1 if complete else epoch,
-                        "batch": 0 if complete else partial_done, "step": global_step,
-                        "history": history,
-                        "extra": {name: obj.state_dict() for name, obj in state.items()}},
-                       run_dir / "checkpoint")
+        show(record)
+        if (epoch + 1) % checkpoint_every == 0 or epoch + 1 == epochs or stopped:
+            checkpoint(epoch + 1 if complete else epoch, 0 if complete else partial_done)
         if stopped:
             break
     if stopped:
