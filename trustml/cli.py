@@ -12,7 +12,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from trustml import config as cfgmod
-from trustml.config import ConfigError
+from trustml.config import Config, ConfigError
+from trustml.progress import set_quiet
 from trustml.training import distributed
 from trustml.training.checkpoint import CheckpointError
 
@@ -58,7 +59,8 @@ def _train_parser() -> argparse.ArgumentParser:
     parser.add_argument("--run-dir", help="write the run here instead of runs/<name>-<time>")
     parser.add_argument("--resume", metavar="RUN_DIR",
                         help="continue an interrupted run from its last checkpoint")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--quiet", action="store_true",
+                        help="no progress bars or per-epoch lines (the final summary still prints)")
     return parser
 
 
@@ -66,6 +68,7 @@ def _train_parser() -> argparse.ArgumentParser:
 def train_main(argv: list[str] | None = None) -> int:
     """Train (or run the experiment named by ``run.experiment``) and print the summary."""
     args = _train_parser().parse_args(argv)
+    set_quiet(args.quiet)
     if args.resume:
         run_dir = Path(args.resume)
         saved = run_dir / "config.yaml"
@@ -78,11 +81,11 @@ def train_main(argv: list[str] | None = None) -> int:
     if config.run.experiment not in EXPERIMENTS:
         raise ConfigError(f"config key 'run.experiment': expected one of {sorted(EXPERIMENTS)}, "
                           f"got {config.run.experiment!r}")
+    cfgmod.use_threads(config)
     if config.run.experiment == "train":
         from trustml.training.run import run_training
 
-        result = run_training(config, args.run_dir or run_dir, resume=bool(args.resume),
-                              progress=not args.quiet)
+        result = run_training(config, args.run_dir or run_dir, resume=bool(args.resume))
         run_dir, summary = result.run_dir, result.summary
     else:
         from trustml.training.run import make_run_dir
@@ -111,13 +114,24 @@ def evaluate_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--attacks", help="comma-separated membership-inference attacks, e.g. "
                         "loss,lira,rmia (default: attack.attacks of the run's config)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
-    from trustml.evaluation.report import evaluate_run
+    set_quiet(args.quiet)
+    from trustml.evaluation.report import evaluate_run, find_runs, headline
 
+    runs = find_runs(args.run)
+    saved = runs[0] / "config.yaml"
+    cfgmod.use_threads(cfgmod.load(saved) if saved.is_file() else Config())
+    main = distributed.current().is_main  # under torchrun, rank 0 speaks for all
+    if main and runs != [Path(args.run)]:
+        print(f"{args.run} holds {len(runs)} runs; evaluating each: "
+              + ", ".join(str(r.relative_to(args.run)) for r in runs), file=sys.stderr)
     attacks = None if args.attacks is None else [a for a in args.attacks.split(",") if a]
-    report = evaluate_run(args.run, attacks=attacks, device=args.device)
-    if distributed.current().is_main:  # under torchrun, rank 0 speaks for all
-        print(f"report: {report}")
+    for run_dir in runs:
+        report = evaluate_run(run_dir, attacks=attacks, device=args.device)
+        if main:
+            print(f"{run_dir}: {headline(report.parent / 'metrics.json')}")
+            print(f"report: {report}")
     return 0
 
 

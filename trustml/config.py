@@ -7,6 +7,8 @@ non-private model).
 
 from __future__ import annotations
 
+import difflib
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -29,6 +31,9 @@ class RunConfig(Section):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when available")
     checkpoint_every: int = Field(1, ge=1, description="epochs between checkpoints")
     experiment: str = Field("train", description="'train' or a driver in trustml.cli.EXPERIMENTS")
+    threads: int | None = Field(
+        None, ge=0, description="torch CPU threads (null: 1, see BENCHMARKS.md; 0: torch's default, "
+        "one per core); the environment variable TRUSTML_THREADS overrides it")
 
 
 class DataConfig(Section):
@@ -139,6 +144,8 @@ class AttackConfig(Section):
     attacks: list[str] = Field(default_factory=list, description="e.g. loss, lira, rmia (tabular); "
                                "loss, zlib, min_k, min_k_pp, reference (LM)")
     n_reference: int = Field(16, ge=1, description="reference (shadow) models")
+    seed: int | None = Field(None, description="seeds the reference models' training halves and "
+                             "initialisation (null: run.seed); printed in the report")
     n_population: int = Field(1000, ge=1, description="RMIA population samples z")
     fpr: list[float] = Field(default_factory=lambda: [0.01, 0.001, 0.0001])
     n_targets: int | None = Field(2000, ge=1, description="members scored (as many non-members)")
@@ -166,6 +173,18 @@ class Config(Section):
     fairness: FairnessConfig = Field(default_factory=FairnessConfig)
     distill: DistillConfig = Field(default_factory=DistillConfig)
     attack: AttackConfig = Field(default_factory=AttackConfig)
+
+    @model_validator(mode="after")
+    def _no_penalty_under_dp(self) -> "Config":
+        # Refused here, before any data loads: a penalty couples samples, so per-sample clipping
+        # cannot bound its sensitivity (trustml.privacy.ensure_decomposable says the same at run
+        # time for penalties built in code).
+        if self.privacy.enabled and self.fairness.penalty != "none":
+            raise ValueError(
+                f"fairness.penalty={self.fairness.penalty!r} with privacy.enabled=true: the penalty "
+                "couples samples, so DP-SGD cannot bound its sensitivity; set fairness.penalty=none "
+                "or privacy.enabled=false")
+        return self
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
@@ -198,11 +217,37 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _keys(model: type[BaseModel] | None = None, prefix: str = "") -> list[str]:
+    """Every dotted key of the schema, sections included (``train``, ``train.epochs``, ...)."""
+    out = []
+    for name, field in (model or Config).model_fields.items():
+        out.append(prefix + name)
+        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+            out += _keys(field.annotation, f"{prefix}{name}.")
+    return out
+
+
+def suggest(key: str) -> str | None:
+    """The valid key closest to a mistyped ``key``: a sibling (``train.epoch`` ->
+    ``train.epochs``), else the same name in another section (``run.epochs`` -> ``train.epochs``)."""
+    keys = _keys()
+    parent, _, leaf = key.rpartition(".")
+    siblings = [k for k in keys if k.rpartition(".")[0] == parent]
+    close = difflib.get_close_matches(key, siblings, n=1, cutoff=0.6)
+    if not close:
+        by_leaf = {k.rpartition(".")[2]: k for k in keys if k.count(".") == key.count(".")}
+        close = [by_leaf[m] for m in difflib.get_close_matches(leaf, list(by_leaf), 1, 0.8)]
+    return close[0] if close else None
+
+
 def _describe(error: ValidationError) -> str:
     first = error.errors()[0]
-    key = ".".join(str(p) for p in first["loc"]) or "<root>"
+    key = ".".join(str(p) for p in first["loc"])
     if first["type"] == "extra_forbidden":
-        return f"config key {key!r} is unknown"
+        guess = suggest(key)
+        return f"config key {key!r} is unknown" + (f"; did you mean {guess}?" if guess else "")
+    if not key:  # a model validator spanning sections
+        return f"config: {first['msg'].removeprefix('Value error, ')}"
     given = first.get("input")
     shown = "" if isinstance(given, dict) else f" (got {given!r})"
     return f"config key {key!r}: {first['msg']}{shown}"
@@ -220,6 +265,10 @@ def load(path: str | Path | None, overrides: list[str] | None = None) -> Config:
     raw: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
+        if path.is_dir():
+            yamls = sorted(p.name for p in path.glob("*.yaml"))[:5]
+            raise ConfigError(f"config file {str(path)!r} is a directory"
+                              + (f"; pick a file in it, e.g. {', '.join(yamls)}" if yamls else ""))
         if not path.is_file():
             raise ConfigError(f"config file {str(path)!r} does not exist")
         try:
@@ -229,6 +278,38 @@ def load(path: str | Path | None, overrides: list[str] | None = None) -> Config:
         if not isinstance(raw, dict):
             raise ConfigError(f"config file {str(path)!r}: expected a mapping of sections")
     return from_dict(_merge(raw, parse_overrides(overrides or [])))
+
+
+def threads(config: Config) -> int:
+    """The torch CPU thread count to use: ``TRUSTML_THREADS`` if set, else ``run.threads``
+    (null: 1; 0: torch's default). One thread is the default because trustml's models are small:
+    on a busy machine a second thread waits on a contended core at every op (BENCHMARKS.md)."""
+    raw = os.environ.get("TRUSTML_THREADS", "").strip()
+    if raw:
+        try:
+            value = int(raw)
+        except ValueError:
+            value = -1
+        if value < 0:
+            raise ConfigError(f"environment variable TRUSTML_THREADS: expected an integer >= 0 "
+                              f"(0: torch's default), got {raw!r}")
+        return value
+    return 1 if config.run.threads is None else config.run.threads
+
+
+def use_threads(config: Config) -> None:
+    """Set torch's CPU threads to ``threads(config)``; the entry points call it before any torch
+    work (library calls such as ``run_training`` leave the process's setting alone)."""
+    n = threads(config)
+    if n == 0:  # torch's own default: one thread per physical core
+        return
+    import torch
+
+    torch.set_num_threads(n)
+    try:
+        torch.set_num_interop_threads(n)
+    except RuntimeError:  # settable once, before any inter-op work: a later entry call in-process
+        pass
 
 
 def save(config: Config, path: str | Path) -> None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -102,7 +101,8 @@ def audit(config: Config, run_dir: str | Path) -> dict[str, Any]:
     violations = [r["target_epsilon"] for r in rows for a in names
                   if r[f"{a}_eps_lb_clopper_pearson"] > r["accountant_epsilon"]]
     return {"rows": rows, "plot": str(figure), "table": str(run_dir / "audit.md"),
-            "bound_exceeds_accountant": violations}
+            "bound_exceeds_accountant": violations,
+            **{f"eps_{r['target_epsilon']:g}_{a}_auc": r[f"{a}_auc"] for r in rows for a in names}}
 
 
 def _lm_corpus(config: Config, run_dir: Path, canaries: list[str], repeats: dict[str, int],
@@ -172,11 +172,10 @@ def lm_canaries(config: Config, run_dir: str | Path) -> dict[str, Any]:
         reference = lm.load_reference_lm(a.reference_run, tokenizer)
 
     counts = sorted(set(repeats.values()))
-    progress = sys.stderr.isatty()
     results: dict[str, dict[str, Any]] = {}
     for name, cfg in (("non_private", private_variant(base, math.inf)),
                       ("private", variant(base, privacy={"enabled": True}))):
-        trained = run_training(cfg, run_dir / name, progress=progress)
+        trained = run_training(cfg, run_dir / name)
         model = trained.model.to(device)
         logppl = secret_logppl(model, tokenizer, [*canaries, *candidates], base.data.seq_len,
                                device)

@@ -9,7 +9,6 @@ an ordinary run directory made by ``run_training`` (so ``evaluate.py`` works on 
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -85,7 +84,6 @@ def run(config: Config, run_dir: str | Path) -> dict[str, Any]:
     perturbation = d.perturbation if d.perturbation != "none" else "logit_mean"
     run_dir = Path(run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
-    progress = sys.stderr.isatty()
 
     corpus = generate_corpus(d.corpus_size, d.corpus_skew, d.neutral_fraction, config.run.seed)
     corpus_path = run_dir / "corpus.txt"
@@ -103,14 +101,14 @@ def run(config: Config, run_dir: str | Path) -> dict[str, Any]:
     base["distill"]["enabled"] = False
     teacher_cfg = from_dict(_merge(base, {"train": {"epochs": d.teacher_epochs or
                                                     config.train.epochs}}))
-    teacher = run_training(teacher_cfg, run_dir / "teacher", progress=progress)
+    teacher = run_training(teacher_cfg, run_dir / "teacher")
     teacher_path = run_dir / "teacher" / "hf"
     teacher.model.save_pretrained(teacher_path)
     models = {"teacher": teacher.model}
     for name, options in variants(perturbation).items():
         cfg = from_dict(_merge(base, {"distill": {"enabled": True, "teacher": str(teacher_path),
                                                   **options}}))
-        models[name] = run_training(cfg, run_dir / name, progress=progress).model
+        models[name] = run_training(cfg, run_dir / name).model
 
     _, val = lm_datasets(teacher_cfg.data, tokenizer)
     results, gaps = {}, {}

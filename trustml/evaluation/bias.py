@@ -20,10 +20,10 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from trustml.evaluation.report import EvalContext, ReportSection
+from trustml.progress import bar as progress_bar
 
 PROFESSIONS: tuple[str, ...] = (
     "nurse", "secretary", "receptionist", "librarian", "hairdresser", "nanny", "dancer",
@@ -114,8 +114,8 @@ def generation_polarity(model: nn.Module, tokenizer: PreTrainedTokenizerBase, k:
     model.eval()
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
-        for length, keys in tqdm(sorted(_by_length(prompts).items()), disable=not progress,
-                                 desc="sampling", leave=False):
+        for length, keys in progress_bar(sorted(_by_length(prompts).items()),
+                                         disable=not progress, desc="sampling", leave=False):
             budget = min(max_new_tokens, _context_size(model) - length)
             if budget < 1:  # no room left in the context to continue this prompt
                 continue
@@ -161,8 +161,9 @@ def plot_gaps(gaps: dict[str, dict[str, float]], path: str | Path,
     ax.set_xticks(x + 0.4 - width / 2, order, rotation=90, fontsize=7)
     ax.set_ylabel("gap (nats), + = he")
     ax.set_title(title)
+    ax.set_xlabel("profession (sorted by the first model's gap)")
     if len(names) > 1:
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.005, 1))
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=110)

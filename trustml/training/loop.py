@@ -14,8 +14,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
-
+from trustml.progress import bar as progress_bar
+from trustml.progress import note
 from trustml.training.checkpoint import CheckpointError, load_state, save_state
 from trustml.training.distributed import World
 
@@ -96,8 +96,8 @@ def fit(model: nn.Module, objective, step, batches, *, epochs: int, run_dir: str
     began = time.perf_counter()
     for epoch in range(start_epoch, epochs):
         model.train()
-        bar = tqdm(batches.batches(epoch), total=len(batches), disable=not progress,
-                   desc=f"epoch {epoch + 1}/{epochs}", leave=False, dynamic_ncols=True)
+        bar = progress_bar(batches.batches(epoch), total=len(batches), disable=not progress,
+                           desc=f"epoch {epoch + 1}/{epochs}", leave=False)
         last: dict[str, float] = {}
         for batch in bar:
             reason = getattr(step, "exhausted", lambda: None)()
@@ -118,7 +118,7 @@ def fit(model: nn.Module, objective, step, batches, *, epochs: int, run_dir: str
         history.append(record)
         log.write(record)
         if progress:
-            tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+            note(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                 for k, v in record.items()))
         checkpoint_now = (epoch + 1) % checkpoint_every == 0 or epoch + 1 == epochs or stopped
         if checkpoint_now and world.is_main:
