@@ -228,16 +228,22 @@ def _keys(model: type[BaseModel] | None = None, prefix: str = "") -> list[str]:
 
 
 def suggest(key: str) -> str | None:
-    """The valid key closest to a mistyped ``key``: a sibling (``train.epoch`` ->
-    ``train.epochs``), else the same name in another section (``run.epochs`` -> ``train.epochs``)."""
-    keys = _keys()
+    """The valid key closest to a mistyped ``key``: the same name in another section
+    (``run.epochs`` -> ``train.epochs``), else a close sibling (``train.epoch`` -> ``train.epochs``),
+    else a close name in any section."""
+    keys = [k for k in _keys() if k.count(".") == key.count(".")]
     parent, _, leaf = key.rpartition(".")
-    siblings = [k for k in keys if k.rpartition(".")[0] == parent]
-    close = difflib.get_close_matches(key, siblings, n=1, cutoff=0.6)
-    if not close:
-        by_leaf = {k.rpartition(".")[2]: k for k in keys if k.count(".") == key.count(".")}
-        close = [by_leaf[m] for m in difflib.get_close_matches(leaf, list(by_leaf), 1, 0.8)]
-    return close[0] if close else None
+    leaves: dict[str, list[str]] = {}
+    for k in keys:
+        leaves.setdefault(k.rpartition(".")[2], []).append(k)
+    if leaf in leaves:
+        return leaves[leaf][0]
+    siblings = {k.rpartition(".")[2]: k for k in keys if k.rpartition(".")[0] == parent}
+    close = difflib.get_close_matches(leaf, list(siblings), n=1, cutoff=0.6)
+    if close:
+        return siblings[close[0]]
+    close = difflib.get_close_matches(leaf, list(leaves), n=1, cutoff=0.8)
+    return leaves[close[0]][0] if close else None
 
 
 def _describe(error: ValidationError) -> str:
