@@ -33,7 +33,7 @@ def test_dp_run_prints_no_optimal_order_warning(tmp_path):
     assert not [w for w in caught if "Optimal order" in str(w.message)]
 
 
-@pytest.mark.parametrize("sigma, q, steps", [(1.0, 0.01, 1000), (0.8, 0.03, 500), (1.1, 0.03, 1)])
+@pytest.mark.parametrize("sigma, q, steps", [(1.0, 0.01, 1000), (0.8, 0.03, 500), (5.0, 0.11, 1)])
 def test_extra_rdp_orders_match_opacus_or_tighten(sigma, q, steps):
     ours = PrivacyAccountant("rdp")
     opacus = RDPAccountant()
