@@ -96,7 +96,13 @@ def run_row(row: Row, run_dir: Path) -> tuple[list[str], float]:
     for name in ("summary.json", "eval/metrics.json"):
         if (run_dir / name).is_file():
             _numbers(json.loads((run_dir / name).read_text()), values)
-    return [f for f in row.figures if not reproduced(f, values)], time.perf_counter() - began
+    missing = []
+    for figure in row.figures:
+        if not reproduced(figure, values):
+            x = float(figure.rstrip("%"))
+            near = min(values, key=lambda v: abs(abs(v) - x), default=float("nan"))
+            missing.append(f"{figure} (closest output {near:.4g})")
+    return missing, time.perf_counter() - began
 
 
 def main() -> int:
