@@ -13,7 +13,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from trustml import config as cfgmod
-from trustml.config import ConfigError
+from trustml.config import Config, ConfigError
+from trustml.progress import set_quiet
 from trustml.training import distributed, rundir
 from trustml.training.checkpoint import CheckpointError
 
@@ -79,7 +80,8 @@ def _train_parser() -> argparse.ArgumentParser:
     parser.add_argument("--resume", metavar="RUN_DIR",
                         help="continue an interrupted run from its last checkpoint; only "
                         f"{', '.join(cfgmod.RESUMABLE)} may change, through --set")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--quiet", action="store_true",
+                        help="no progress bars or per-epoch lines (the final summary still prints)")
     return parser
 
 
@@ -87,6 +89,7 @@ def _train_parser() -> argparse.ArgumentParser:
 def train_main(argv: list[str] | None = None) -> int:
     """Train (or run the experiment named by ``run.experiment``) and print the summary."""
     args = _train_parser().parse_args(argv)
+    set_quiet(args.quiet)
     if args.resume:
         run_dir = Path(args.resume)
         if args.run_dir is not None and Path(args.run_dir) != run_dir:
@@ -113,6 +116,7 @@ def train_main(argv: list[str] | None = None) -> int:
     if config.run.experiment not in EXPERIMENTS:
         raise ConfigError(f"config key 'run.experiment': expected one of {sorted(EXPERIMENTS)}, "
                           f"got {config.run.experiment!r}")
+    cfgmod.use_threads(config)
     if config.run.experiment == "train":
         from trustml.runner import run_training
 
@@ -162,13 +166,25 @@ def evaluate_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", nargs="*", default=[], metavar="bias.KEY=VALUE",
                         help="bias evaluations, e.g. bias.professions=[nurse,pilot] "
                         "bias.bold=hf:AlexaAI/bold bias.classifier=sasha/regardv3")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
-    from trustml.evaluation.report import evaluate_run
+    set_quiet(args.quiet)
+    from trustml.evaluation.report import evaluate_run, find_runs, headline
 
+    runs = find_runs(args.run)
+    saved = runs[0] / "config.yaml"
+    cfgmod.use_threads(cfgmod.load(saved) if saved.is_file() else Config())
+    main = distributed.current().is_main  # under torchrun, rank 0 speaks for all
+    if main and runs != [Path(args.run)]:
+        print(f"{args.run} holds {len(runs)} runs; evaluating each: "
+              + ", ".join(str(r.relative_to(args.run)) for r in runs), file=sys.stderr)
     attacks = None if args.attacks is None else [a for a in args.attacks.split(",") if a]
-    report = evaluate_run(args.run, attacks=attacks, device=args.device, overrides=args.set)
-    if distributed.current().is_main:  # under torchrun, rank 0 speaks for all
-        print(f"report: {report}")
+    for run_dir in runs:
+        report = evaluate_run(run_dir, attacks=attacks, device=args.device,
+                              overrides=args.set)
+        if main:
+            print(f"{run_dir}: {headline(report.parent / 'metrics.json')}")
+            print(f"report: {report}")
     return 0
 
 

@@ -7,6 +7,8 @@ non-private model).
 
 from __future__ import annotations
 
+import difflib
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -33,6 +35,9 @@ class RunConfig(Section):
     dist_timeout_s: float = Field(
         600.0, gt=0, description="torchrun: seconds a rank waits for a silent peer before every rank "
         "stops with an error (env TRUSTML_DIST_TIMEOUT_S overrides)")
+    threads: int | None = Field(
+        None, ge=0, description="torch CPU threads (null: 1, see BENCHMARKS.md; 0: torch's default, "
+        "one per core); the environment variable TRUSTML_THREADS overrides it")
 
 
 class DataConfig(Section):
@@ -213,6 +218,8 @@ class AttackConfig(Section):
     attacks: list[str] = Field(default_factory=list, description="e.g. loss, lira, rmia (tabular); "
                                "loss, zlib, min_k, min_k_pp, reference (LM)")
     n_reference: int = Field(16, ge=1, description="reference (shadow) models")
+    seed: int | None = Field(None, description="seeds the reference models' training halves and "
+                             "initialisation (null: run.seed); printed in the report")
     n_population: int = Field(1000, ge=1, description="RMIA population samples z")
     fpr: list[float] = Field(default_factory=lambda: [0.01, 0.001, 0.0001],
                              description="false-positive rates of the TPR@FPR table, each in (0, 1)")
@@ -275,6 +282,18 @@ class Config(Section):
                              "as a DP result; set train.epochs >= 1")
         return self
 
+    @model_validator(mode="after")
+    def _no_penalty_under_dp(self) -> "Config":
+        # Refused here, before any data loads: a penalty couples samples, so per-sample clipping
+        # cannot bound its sensitivity (trustml.privacy.ensure_decomposable says the same at run
+        # time for penalties built in code).
+        if self.privacy.enabled and self.fairness.penalty != "none":
+            raise ValueError(
+                f"fairness.penalty={self.fairness.penalty!r} with privacy.enabled=true: the penalty "
+                "couples samples, so DP-SGD cannot bound its sensitivity; set fairness.penalty=none "
+                "or privacy.enabled=false")
+        return self
+
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
 
@@ -311,11 +330,41 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _keys(model: type[BaseModel] | None = None, prefix: str = "") -> list[str]:
+    """Every dotted key of the schema, sections included (``train``, ``train.epochs``, ...)."""
+    out = []
+    for name, field in (model or Config).model_fields.items():
+        out.append(prefix + name)
+        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+            out += _keys(field.annotation, f"{prefix}{name}.")
+    return out
+
+
+def suggest(key: str) -> str | None:
+    """The valid key closest to a mistyped ``key``: the same name in another section
+    (``run.epochs`` -> ``train.epochs``), else a close sibling (``train.epoch`` -> ``train.epochs``),
+    else a close name in any section."""
+    keys = [k for k in _keys() if k.count(".") == key.count(".")]
+    parent, _, leaf = key.rpartition(".")
+    leaves: dict[str, list[str]] = {}
+    for k in keys:
+        leaves.setdefault(k.rpartition(".")[2], []).append(k)
+    if leaf in leaves:
+        return leaves[leaf][0]
+    siblings = {k.rpartition(".")[2]: k for k in keys if k.rpartition(".")[0] == parent}
+    close = difflib.get_close_matches(leaf, list(siblings), n=1, cutoff=0.6)
+    if close:
+        return siblings[close[0]]
+    close = difflib.get_close_matches(leaf, list(leaves), n=1, cutoff=0.8)
+    return leaves[close[0]][0] if close else None
+
+
 def _describe(error: ValidationError) -> str:
     first = error.errors()[0]
-    key = ".".join(str(p) for p in first["loc"]) or "<root>"
+    key = ".".join(str(p) for p in first["loc"])
     if first["type"] == "extra_forbidden":
-        return f"config key {key!r} is unknown"
+        guess = suggest(key)
+        return f"config key {key!r} is unknown" + (f"; did you mean {guess}?" if guess else "")
     message = first["msg"].removeprefix("Value error, ")
     if not first["loc"]:  # a check across sections names its keys itself
         return f"config: {message}"
@@ -336,6 +385,10 @@ def load(path: str | Path | None, overrides: list[str] | None = None) -> Config:
     raw: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
+        if path.is_dir():
+            yamls = sorted(p.name for p in path.glob("*.yaml"))[:5]
+            raise ConfigError(f"config file {str(path)!r} is a directory"
+                              + (f"; pick a file in it, e.g. {', '.join(yamls)}" if yamls else ""))
         if not path.is_file():
             what = "is a directory" if path.is_dir() else "does not exist"
             raise ConfigError(f"config file {str(path)!r} {what}")
@@ -352,7 +405,8 @@ def load(path: str | Path | None, overrides: list[str] | None = None) -> Config:
 # and settings that change neither the math nor the privacy (logging, checkpoint cadence, device,
 # memory-sized physical batches). Everything else would make the checkpoint describe another run.
 RESUMABLE = ("train.epochs", "train.max_steps", "privacy.target_epsilon", "privacy.epsilon_budget",
-             "train.log_every", "run.checkpoint_every", "run.device", "privacy.physical_batch_size")
+             "train.log_every", "run.checkpoint_every", "run.device", "run.threads",
+             "privacy.physical_batch_size")
 
 
 def differences(first: dict[str, Any], second: dict[str, Any], prefix: str = "") -> list[str]:
@@ -408,6 +462,38 @@ class ConfigRecord:
                 "the run's config differs from its checkpoint's in "
                 f"{describe_differences(changed, saved, now, ('checkpoint', 'now'))}; only "
                 f"{', '.join(RESUMABLE)} can change on resume, through --set")
+
+
+def threads(config: Config) -> int:
+    """The torch CPU thread count to use: ``TRUSTML_THREADS`` if set, else ``run.threads``
+    (null: 1; 0: torch's default). One thread is the default because trustml's models are small:
+    on a busy machine a second thread waits on a contended core at every op (BENCHMARKS.md)."""
+    raw = os.environ.get("TRUSTML_THREADS", "").strip()
+    if raw:
+        try:
+            value = int(raw)
+        except ValueError:
+            value = -1
+        if value < 0:
+            raise ConfigError(f"environment variable TRUSTML_THREADS: expected an integer >= 0 "
+                              f"(0: torch's default), got {raw!r}")
+        return value
+    return 1 if config.run.threads is None else config.run.threads
+
+
+def use_threads(config: Config) -> None:
+    """Set torch's CPU threads to ``threads(config)``; the entry points call it before any torch
+    work (library calls such as ``run_training`` leave the process's setting alone)."""
+    n = threads(config)
+    if n == 0:  # torch's own default: one thread per physical core
+        return
+    import torch
+
+    torch.set_num_threads(n)
+    try:
+        torch.set_num_interop_threads(n)
+    except RuntimeError:  # settable once, before any inter-op work: a later entry call in-process
+        pass
 
 
 def save(config: Config, path: str | Path) -> None:

@@ -111,7 +111,8 @@ def build_parts(config: Config) -> Parts:
 
         model, objective = build_distillation(config, tokenizer)
     else:
-        model, objective = build_lm(config.model, len(tokenizer)), LMObjective()
+        model = build_lm(config.model, len(tokenizer), eos_token_id=tokenizer.eos_token_id)
+        objective = LMObjective()
     meta = {**train.meta, "revisions": run_revisions(config, tokenizer)}
     return Parts(model, objective, train, val, tokenizer=tokenizer, meta=meta)
 

@@ -52,7 +52,7 @@ def test_cli_reports_one_line_and_exit_2(tmp_path, capsys):
     path.write_text("train:\n  epoch: 3\n")
     assert cli.train_main(["--config", str(path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["error: config key 'train.epoch' is unknown"]
+    assert err == ["error: config key 'train.epoch' is unknown; did you mean train.epochs?"]
 
 
 def test_cli_missing_data_file(tmp_path, capsys):

@@ -13,7 +13,13 @@ import numpy as np
 import torch
 
 from trustml.attacks import audit, lm, metrics, plots
-from trustml.attacks.tabular import check_attacks, logits_of, reference_outputs, tabular_scores
+from trustml.attacks.tabular import (
+    attack_seed,
+    check_attacks,
+    logits_of,
+    reference_outputs,
+    tabular_scores,
+)
 from trustml.config import ConfigError
 from trustml.evaluation.context import EvalContext, ReportSection
 from trustml.training.distributed import current
@@ -69,7 +75,10 @@ def evaluate_attacks(ctx: EvalContext, attacks: list[str]) -> ReportSection | No
     delta = cfg.privacy.delta
     data = ctx.parts.data
     n = min(_take(cfg.attack.n_targets, len(data.train)), len(data.test))
+    # sorted: when every training row is picked (an audit target) the pool is the audit's own, in
+    # its order, so the reference models and figures equal audit.md's
     pick_in = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(0))[:n]
+    pick_in = pick_in.sort().values
     pool_x = torch.cat([data.train.x[pick_in], data.test.x[:n]])
     pool_y = torch.cat([data.train.y[pick_in], data.test.y[:n]])
     member = np.r_[np.ones(n, bool), np.zeros(n, bool)]
@@ -85,7 +94,12 @@ def evaluate_attacks(ctx: EvalContext, attacks: list[str]) -> ReportSection | No
         return None
     all_scores = tabular_scores(attacks, cfg.attack, logits_of(ctx.model, pool_x, ctx.device),
                                 pool_y, logits_of(ctx.model, pop_x, ctx.device), pop_y, refs)
-    return attack_section(all_scores, member, cfg.attack.fpr, delta, ctx.out_dir)
+    section = attack_section(all_scores, member, cfg.attack.fpr, delta, ctx.out_dir)
+    if refs is not None:
+        section.markdown = (f"{cfg.attack.n_reference} reference models, seed "
+                            f"{attack_seed(cfg)} (attack.seed; default run.seed): the same run "
+                            f"evaluated again gives the same figures.\n\n{section.markdown}")
+    return section
 
 
 def lm_member_blocks(train, val, n_targets: int | None) -> tuple[dict[str, torch.Tensor], np.ndarray]:

@@ -25,6 +25,7 @@ from trustml.attacks import plots
 from trustml.attacks.evaluate import attack_metrics
 from trustml.config import Config, ConfigError, from_dict
 from trustml.evaluation.context import markdown_table
+from trustml.progress import is_quiet
 
 
 def variant(config: Config, **sections: dict[str, Any]) -> Config:
@@ -68,7 +69,7 @@ def audit(config: Config, run_dir: str | Path) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     for eps in cfg.audit_epsilons:
         run = audited_run(config, eps, data, input_canaries, cfg.audit_gradient_canaries, coins,
-                          progress=sys.stderr.isatty())
+                          progress=not is_quiet())
         row: dict[str, Any] = {"target_epsilon": eps, "accountant_epsilon": run.accountant_epsilon,
                                "noise_multiplier": run.noise_multiplier,
                                "test_accuracy": run.test_accuracy}
@@ -265,11 +266,10 @@ def lm_canaries(config: Config, run_dir: str | Path) -> dict[str, Any]:
         reference = lm.load_reference_lm(a.reference_run, tokenizer)
 
     counts = sorted(set(repeats.values()))
-    progress = sys.stderr.isatty()
     results: dict[str, dict[str, Any]] = {}
     for name, cfg in (("non_private", private_variant(base, math.inf)),
                       ("private", variant(base, privacy={"enabled": True}))):
-        trained = run_training(cfg, run_dir / name, progress=progress)
+        trained = run_training(cfg, run_dir / name)
         model = trained.model.to(device)
         logppl = secret_logppl(model, tokenizer, [*canaries, *candidates], base.data.seq_len,
                                device)

@@ -101,4 +101,5 @@ def load_reference_lm(run_dir: str | Path, tokenizer) -> nn.Module:
     if load_tokenizer(ref_cfg.data.tokenizer).get_vocab() != tokenizer.get_vocab():
         raise ConfigError(f"attack.reference_run: {str(run_dir)!r} uses a different tokenizer "
                           "than the target; the token log-probs would not be comparable")
-    return load_model(build_lm(ref_cfg.model, len(tokenizer)), weights).eval()
+    return load_model(build_lm(ref_cfg.model, len(tokenizer), tokenizer.eos_token_id),
+                      weights).eval()

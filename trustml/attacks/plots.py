@@ -32,7 +32,7 @@ def plot_roc(attacks: Mapping[str, tuple], path: Path, title: str = "") -> Path:
     log.set(xscale="log", yscale="log", xlim=(LOG_FLOOR, 1), ylim=(LOG_FLOOR, 1))
     for ax in (lin, log):
         ax.set(xlabel="false positive rate", ylabel="true positive rate")
-        ax.legend(fontsize=8, loc="lower right")
+        ax.legend(fontsize=8, loc="best")
     fig.suptitle(title or "membership inference ROC")
     return _save(fig, path)
 
@@ -92,7 +92,10 @@ def plot_exposure(repeats: Sequence[int], curves: Mapping[str, Sequence[float]],
     ax.set(xscale="log", xlabel="canary insertions", ylabel="exposure (bits)",
            title="canary exposure: non-private vs DP")
     ax.set_xticks(list(repeats), [str(r) for r in repeats])
-    ax.legend(fontsize=8)
+    ax.minorticks_off()
+    # exposure rises with insertions up to the ceiling, so every corner can hold data: the legend
+    # goes below the axes
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, frameon=False)
     return _save(fig, path)
 
 

@@ -31,10 +31,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, stack_module_state
-from tqdm.auto import tqdm
 
 from trustml.config import Config, ConfigError
 from trustml.models.mlp import MLP
+from trustml.progress import bar as progress_bar
 from trustml.training.distributed import World, current
 from trustml.training.objectives import ClassificationObjective
 from trustml.runner import make_optimizer
@@ -190,7 +190,7 @@ def train_reference_mlps(
         base = copy.deepcopy(models[0]).to("meta")
         optimizer = _optimizer(config, params.values(), fused)
         steps = _steps(config, mine, share, seed)
-        for _, index in tqdm(steps, total=total, disable=not progress, leave=False,
+        for _, index in progress_bar(steps, total=total, disable=not progress, leave=False,
                              desc=f"{len(models)} reference MLPs (batched)"):
             flat = index.to(device).flatten()
             xb = x.index_select(0, flat).view(*index.shape, x.shape[1])
@@ -203,8 +203,8 @@ def train_reference_mlps(
         return ReferenceMLPs(base, {k: v.detach() for k, v in params.items()}, buffers, in_mask,
                              world)
     objective = ClassificationObjective()
-    for r, row, model in zip(share, mine, tqdm(models, disable=not progress, leave=False,
-                                               desc="reference MLPs (one by one)")):
+    for r, row, model in zip(share, mine, progress_bar(models, disable=not progress, leave=False,
+                                                       desc="reference MLPs (one by one)")):
         step = PlainStep(_optimizer(config, model.parameters(), fused))
         model.train()
         for _, index in _steps(config, row[None], range(r, r + 1), seed):

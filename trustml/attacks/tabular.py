@@ -32,6 +32,11 @@ def check_attacks(attacks: list[str], known: tuple[str, ...]) -> None:
         raise ConfigError(f"attack.attacks: unknown {unknown}; expected some of {list(known)}")
 
 
+def attack_seed(config: Config) -> int:
+    """The reference models' seed: ``attack.seed``, else ``run.seed`` (same run, same figures)."""
+    return config.run.seed if config.attack.seed is None else config.attack.seed
+
+
 def reference_outputs(config: Config, pool_x: torch.Tensor, pool_y: torch.Tensor,
                       population_x: torch.Tensor, device, progress: bool = True
                       ) -> ReferenceOutputs:
@@ -40,9 +45,10 @@ def reference_outputs(config: Config, pool_x: torch.Tensor, pool_y: torch.Tensor
     The reference models are trained without DP even for a DP target: the attacker only needs to
     know how the signal of an example behaves IN and OUT, and the audit bound is valid for any
     attack, however the attacker built it."""
-    mask = half_masks(config.attack.n_reference, len(pool_x), seed=config.run.seed + 1)
-    refs = train_reference_mlps(config, pool_x, pool_y, mask, device=device,
-                                seed=config.run.seed + 1000, progress=progress)
+    seed = attack_seed(config)
+    mask = half_masks(config.attack.n_reference, len(pool_x), seed=seed + 1)
+    refs = train_reference_mlps(config, pool_x, pool_y, mask, device=device, seed=seed + 1000,
+                                progress=progress)
     return ReferenceOutputs(refs.logits(pool_x), refs.logits(population_x), mask)
 
 

@@ -17,10 +17,10 @@ import numpy as np
 import torch
 import transformers
 from torch.utils.data import Dataset
-from tqdm.auto import tqdm
 from transformers import AutoTokenizer, GPT2TokenizerFast, PreTrainedTokenizerBase
 
 from trustml.config import ConfigError, DataConfig
+from trustml.progress import bar as progress_bar
 
 HF_PREFIX = "hf:"
 
@@ -89,7 +89,7 @@ def _tokenize(texts: Sequence[str], tokenizer: PreTrainedTokenizerBase,
               chunk: int = 10_000) -> Iterator[list[int]]:
     """Token ids of each text, tokenized ``chunk`` texts at a time (progress bar on large corpora)."""
     starts = range(0, len(texts), chunk)
-    for start in tqdm(starts, desc="tokenizing", unit="chunk", disable=len(starts) < 3):
+    for start in progress_bar(starts, desc="tokenizing", unit="chunk", disable=len(starts) < 3):
         yield from tokenizer(list(texts[start : start + chunk]))["input_ids"]
 
 

@@ -23,7 +23,6 @@ an interrupted benchmark resumes and seeds can run as separate processes into on
 from __future__ import annotations
 
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -38,6 +37,7 @@ from trustml.distill import vocabulary
 from trustml.distill.corpus import generate_corpus, word_tokenizer
 from trustml.evaluation.bias import generation_polarity, plot_gaps, template_gap
 from trustml.evaluation.perplexity import perplexity
+from trustml.progress import is_quiet
 from trustml.runner import run_training
 
 WORD_TOKENIZER = "words"  # data.tokenizer value selecting the corpus' own word-level tokenizer
@@ -266,7 +266,7 @@ def run(config: Config, run_dir: str | Path) -> dict[str, Any]:
         raise ConfigError("distill_offline needs distill.student_layers (teacher layers to keep)")
     run_dir = Path(run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
-    progress = sys.stderr.isatty()
+    progress = not is_quiet()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

@@ -21,11 +21,11 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from trustml.distill import vocabulary
 from trustml.evaluation.context import EvalContext, ReportSection
+from trustml.progress import bar as progress_bar
 
 PROFESSIONS: tuple[str, ...] = vocabulary.professions()
 TEMPLATES: tuple[str, ...] = vocabulary.templates("probe") + vocabulary.templates("novel")
@@ -107,7 +107,7 @@ def sample_continuations(model: nn.Module, tokenizer: PreTrainedTokenizerBase,
     model.eval()
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
-        for length, keys in tqdm(sorted(_by_length(ids_of).items()), disable=not progress,
+        for length, keys in progress_bar(sorted(_by_length(ids_of).items()), disable=not progress,
                                  desc="sampling", leave=False):
             budget = min(max_new_tokens, _context_size(model) - length)
             if budget < 1:  # no room left in the context to continue this prompt
@@ -168,8 +168,9 @@ def plot_gaps(gaps: dict[str, dict[str, float]], path: str | Path,
     ax.set_xticks(x + 0.4 - width / 2, order, rotation=90, fontsize=7)
     ax.set_ylabel("gap (nats), + = he")
     ax.set_title(title)
+    ax.set_xlabel("profession (sorted by the first model's gap)")
     if len(names) > 1:
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.005, 1))
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=110)

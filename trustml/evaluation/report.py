@@ -18,6 +18,45 @@ from trustml.training import distributed, rundir
 from trustml.training.checkpoint import CheckpointError, load_model
 
 
+def find_runs(path: str | Path) -> list[Path]:
+    """The trained runs at ``path``: itself when it holds a model, else every run below it (an
+    experiment's directory: audit targets, sweep points, distillation students), in name order."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ConfigError(f"--run: {str(path)!r} " + ("is a file, not a run directory"
+                                                       if path.exists() else "does not exist"))
+    if (path / "model.safetensors").is_file():
+        return [path]
+    runs = sorted(p.parent for p in path.rglob("model.safetensors")
+                  if (p.parent / "config.yaml").is_file())
+    if runs:
+        return runs
+    if (path / "config.yaml").is_file():
+        raise ConfigError(f"--run: {str(path)!r} has a config.yaml but no model.safetensors and no "
+                          "trained run inside it (an unfinished run? continue it with --resume)")
+    raise ConfigError(f"--run: {str(path)!r} is not a run directory (no config.yaml, no "
+                      "model.safetensors) and holds no run")
+
+
+HEADLINE_KEYS = ("accuracy", "auc", "demographic_parity_difference", "mean_abs_gap",
+                 "mean_polarity", "perplexity")
+
+
+def headline(metrics_path: str | Path) -> str:
+    """One line of the headline numbers of an ``eval/metrics.json`` (quality, fairness, bias and
+    each attack's AUC), for the CLI's final message."""
+    metrics = json.loads(Path(metrics_path).read_text())
+    parts = []
+    for section in metrics.values():
+        if not isinstance(section, dict):
+            continue
+        parts += [f"{k} {section[k]:.4g}" for k in HEADLINE_KEYS
+                  if isinstance(section.get(k), (int, float))]
+        parts += [f"{name} AUC {m['auc']:.4g}" for name, m in section.items()
+                  if isinstance(m, dict) and "auc" in m]
+    return ", ".join(parts) or "no metrics"
+
+
 def load_run(run_dir: str | Path, device: str = "auto",
              overrides: list[str] | None = None) -> EvalContext:
     """Rebuild the model and data of a run directory from its saved config and weights;
@@ -25,6 +64,11 @@ def load_run(run_dir: str | Path, device: str = "auto",
     from trustml.runner import build_parts, resolve_device
 
     run_dir = Path(run_dir)
+    runs = find_runs(run_dir)
+    if runs != [run_dir]:
+        raise ConfigError(f"{str(run_dir)!r} is an experiment's directory holding {len(runs)} "
+                          f"runs ({', '.join(str(r.relative_to(run_dir)) for r in runs)}); "
+                          "evaluate one of them")
     if not (run_dir / "config.yaml").is_file():
         raise ConfigError(f"--run: {str(run_dir)!r} is not a run directory (no config.yaml)")
     bad = [o for o in overrides or [] if not o.startswith("bias.")]

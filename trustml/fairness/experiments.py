@@ -274,20 +274,22 @@ def _plot_postprocess(reg_before, reg_after, sc_before, sc_after, s, names, path
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 4, figsize=(15, 3.4))
+    fig, axes = plt.subplots(1, 4, figsize=(15, 3.8), sharey=True)
     panels = [
-        (reg_before, "regression, before"),
-        (reg_after, "regression, after"),
-        (sc_before, "scores, before"),
-        (sc_after, "scores, after"),
+        (reg_before, "regression, before", "predicted hours per week (h)"),
+        (reg_after, "regression, after", "post-processed hours per week (h)"),
+        (sc_before, "scores, before", "score P(income > 50K)"),
+        (sc_after, "scores, after", "post-processed score P(income > 50K)"),
     ]
-    for ax, (values, title) in zip(axes, panels):
+    for ax, (values, title, xlabel) in zip(axes, panels):
         for g, name in enumerate(names):
             v = np.sort(values[s == g])
             ax.plot(v, np.arange(1, len(v) + 1) / len(v), label=name)
         ax.set_title(f"{title} (KS {ks_distance(values, s):.3f})", fontsize=9)
-    axes[0].set_ylabel("group CDF (test)")
-    axes[-1].legend(fontsize=8)
+        ax.set_xlabel(xlabel, fontsize=9)
+    axes[0].set_ylabel("cumulative share of the group (test)")
+    # CDFs rise from bottom left to top right: the top-left corner is empty
+    axes[-1].legend(fontsize=8, title="group", loc="upper left")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

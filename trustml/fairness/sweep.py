@@ -25,6 +25,7 @@ from trustml.config import Config, ConfigError
 from trustml.evaluation.context import markdown_table
 from trustml.fairness.metrics import classification_report
 from trustml.fairness.penalty import with_penalty
+from trustml.progress import bar, note, set_quiet
 
 KEYS = (
     "accuracy",
@@ -61,13 +62,14 @@ def _summary(report: dict[str, Any]) -> dict[str, Any]:
     return {k: report[k] for k in KEYS}
 
 
-def train_point(config: Config, run_dir: Path, progress: bool) -> dict[str, Any]:
-    """Train ``config`` into ``run_dir`` and return its test-split report."""
+def train_point(config: Config, run_dir: Path, resume: bool = False) -> dict[str, Any]:
+    """Train ``config`` into ``run_dir`` (continuing its checkpoint with ``resume``) and return
+    its test-split report."""
     from trustml.data.tabular import load_tabular
     from trustml.evaluation.tabular import predict_scores
     from trustml.runner import run_training
 
-    result = run_training(config, run_dir, progress=progress)
+    result = run_training(config, run_dir, resume=resume)
     data = load_tabular(config.data, seed=config.run.seed)
     device = next(result.model.parameters()).device
     scores = predict_scores(result.model, data.test, device)
@@ -135,12 +137,19 @@ def plot(
         markers = iter("s^Dv")
         for name, point in references.items():
             ax.plot(point[key], point["accuracy"], next(markers), ms=8, label=name)
+        xs = [p[key] for points in curves.values() for p in points]
+        xs += [p[key] for p in references.values()]
+        if xs and min(xs) > 0 and max(xs) / min(xs) > 10:  # penalties take it down by decades
+            ax.set_xscale("log")
+            label += ", log scale"
         ax.set_xlabel(f"{label} (test)")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("accuracy (test)")
-    axes[0].legend(fontsize=8, loc="upper left")  # the empty corner: fair and accurate
+    # below both panels: points can sit anywhere, and one legend serves both
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=8, loc="lower center", ncol=3, frameon=False)
     fig.suptitle("Accuracy vs fairness; labels are penalty weights (0 = unpenalised MLP)")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.06 * (1 + (len(labels) - 1) // 3), 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -156,45 +165,12 @@ def _table(rows: list[tuple[str, dict[str, Any]]]) -> str:
     return markdown_table(named, ["model", *TABLE_COLUMNS.values()])
 
 
-def run_sweep(
-    config: Config,
-    weights: list[float],
-    penalties: list[str],
-    run_dir: Path,
-    references: bool = True,
-    progress: bool = True,
-) -> dict[str, Any]:
-    """Train the grid into ``run_dir`` and write sweep.json, report.md and tradeoff.png."""
-    from tqdm import tqdm
-
-    run_dir.mkdir(parents=True, exist_ok=True)
-    cfgmod.save(config, run_dir / "config.yaml")
-    jobs = [("unpenalised", 0.0, with_penalty(config, "none", 0.0))] if 0.0 in weights else []
-    for penalty in penalties:
-        for w in (w for w in weights if w > 0):
-            jobs.append((penalty, w, with_penalty(config, penalty, w)))
-    results = []
-    for name, weight, cfg in tqdm(jobs, desc="sweep", disable=not progress):
-        report = train_point(cfg, run_dir / f"{name}-w{weight:g}", progress=False)
-        results.append(
-            {"penalty": name, "weight": weight, **_summary(report), "groups": report["groups"]}
-        )
-    curves = {p: [r for r in results if r["penalty"] in (p, "unpenalised")] for p in penalties}
-    refs, note = (
-        fairlearn_points(config) if references else ({}, "Fairlearn reference points disabled.")
-    )
-    plot(curves, refs, run_dir / "tradeoff.png")
-    summary = {
-        "results": results,
-        "references": {k: _summary(v) for k, v in refs.items()},
-        "note": note,
-        "config": config.to_dict(),
-    }
-    (run_dir / "sweep.json").write_text(json.dumps(summary, indent=2))
+def _report(config: Config, results: list[dict[str, Any]],
+            references: dict[str, dict[str, Any]], note: str | None, pending: int) -> str:
     rows = [
         (f"{r['penalty']} (weight {r['weight']:g})" if r["weight"] else "unpenalised MLP", r)
         for r in results
-    ] + list(summary["references"].items())
+    ] + list(references.items())
     f = config.fairness
     md = [
         f"# Fairness trade-off sweep: {config.data.dataset}, sensitive = {config.data.sensitive}",
@@ -204,44 +180,126 @@ def run_sweep(
             f"batch {config.train.batch_size}, seed {config.run.seed}; all numbers on the test split."
         ),
         "",
-        _table(rows),
-        "",
-        "![trade-off](tradeoff.png)",
     ]
+    if pending:
+        md += [f"**Partial**: {pending} more point(s) to train; run the same command again "
+               "(or `trustml-sweep --resume <this directory>`) to finish.", ""]
+    md += [_table(rows), "", "![trade-off](tradeoff.png)"]
     if note:
         md += ["", note]
-    (run_dir / "report.md").write_text("\n".join(md) + "\n")
+    return "\n".join(md) + "\n"
+
+
+def _write(config: Config, run_dir: Path, grid: dict[str, list], results: list[dict[str, Any]],
+           references: dict[str, dict[str, Any]], note: str | None, pending: int
+           ) -> dict[str, Any]:
+    """sweep.json, report.md and tradeoff.png for the points finished so far."""
+    curves = {p: [r for r in results if r["penalty"] in (p, "unpenalised")]
+              for p in grid["penalties"]}
+    plot(curves, references, run_dir / "tradeoff.png")
+    summary = {"grid": grid, "pending": pending, "results": results,
+               "references": {k: _summary(v) for k, v in references.items()}, "note": note,
+               "config": config.to_dict()}
+    (run_dir / "sweep.json").write_text(json.dumps(summary, indent=2))
+    (run_dir / "report.md").write_text(
+        _report(config, results, summary["references"], note, pending))
     return summary
+
+
+def run_sweep(
+    config: Config,
+    weights: list[float],
+    penalties: list[str],
+    run_dir: Path,
+    references: bool = True,
+) -> dict[str, Any]:
+    """Train the grid into ``run_dir`` and write sweep.json, report.md and tradeoff.png.
+
+    The report is rewritten after every point, so an interrupted sweep leaves a partial one. Run
+    again into the same directory, it resumes: finished points (``point.json``) are read back, an
+    interrupted point continues from its last epoch checkpoint, the rest are trained."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    saved = run_dir / "config.yaml"
+    if saved.is_file() and cfgmod.load(saved).to_dict() != config.to_dict():
+        raise ConfigError(f"--run-dir: {str(run_dir)!r} holds a sweep of a different config; "
+                          "choose a new directory (or resume it with --resume and no --set)")
+    cfgmod.save(config, saved)
+    grid = {"weights": weights, "penalties": penalties}
+    jobs = [("unpenalised", 0.0, with_penalty(config, "none", 0.0))] if 0.0 in weights else []
+    for penalty in penalties:
+        for w in (w for w in weights if w > 0):
+            jobs.append((penalty, w, with_penalty(config, penalty, w)))
+    results: list[dict[str, Any]] = []
+    for i, (name, weight, cfg) in enumerate(bar(jobs, desc="sweep", unit="model")):
+        point_dir = run_dir / f"{name}-w{weight:g}"
+        done = point_dir / "point.json"
+        if done.is_file():
+            result = json.loads(done.read_text())
+            note(f"{name} w={weight:g}: finished before, read back from {done}")
+        else:
+            resume = (point_dir / "checkpoint").is_dir()
+            report = train_point(cfg, point_dir, resume=resume)
+            result = {"penalty": name, "weight": weight, **_summary(report),
+                      "groups": report["groups"]}
+            done.write_text(json.dumps(result, indent=2))
+            note(f"{name} w={weight:g}: accuracy {result['accuracy']:.4f}, DP difference "
+                 f"{result['demographic_parity_difference']:.4f}")
+        results.append(result)
+        _write(config, run_dir, grid, results, {}, None, len(jobs) - i - 1)
+    refs, ref_note = (
+        fairlearn_points(config) if references else ({}, "Fairlearn reference points disabled.")
+    )
+    return _write(config, run_dir, grid, results, refs, ref_note, 0)
 
 
 def sweep_main(argv: list[str] | None = None) -> int:
     """Entry point of ``trustml-sweep`` (errors are ConfigError; the CLI wrapper prints them)."""
     parser = argparse.ArgumentParser(prog="trustml-sweep", description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--config", required=True, help="YAML run config (e.g. configs/adult_fair_mmd.yaml)"
-    )
-    parser.add_argument("--weights", default="0,0.1,1,3", help="comma-separated penalty weights")
-    parser.add_argument("--penalties", default="mmd,sinkhorn", help="comma-separated: mmd,sinkhorn")
+    parser.add_argument("--config", help="YAML run config (e.g. configs/adult_fair_mmd.yaml)")
+    parser.add_argument("--weights", help="comma-separated penalty weights (default 0,0.1,1,3)")
+    parser.add_argument("--penalties", help="comma-separated: mmd,sinkhorn (default both)")
     parser.add_argument(
         "--set", nargs="*", default=[], metavar="KEY=VALUE", help="dotted config overrides"
     )
-    parser.add_argument("--run-dir", help="write here instead of runs/<name>-sweep-<time>")
+    parser.add_argument("--run-dir", help="write here instead of runs/<name>-sweep-<time> (an "
+                        "existing sweep of the same config there is resumed)")
+    parser.add_argument("--resume", metavar="SWEEP_DIR", help="finish an interrupted sweep: its "
+                        "config and grid are read from the directory")
     parser.add_argument("--no-references", action="store_true", help="skip the Fairlearn points")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
-    config = cfgmod.load(args.config, args.set)
+    set_quiet(args.quiet)
+    grid: dict[str, Any] = {"weights": "0,0.1,1,3", "penalties": "mmd,sinkhorn"}
+    if args.resume:
+        if args.config or args.run_dir:
+            raise ConfigError("--resume: the config and directory come from the sweep; "
+                              "drop --config and --run-dir")
+        run_dir = Path(args.resume)
+        if not (run_dir / "config.yaml").is_file() or not (run_dir / "sweep.json").is_file():
+            raise ConfigError(f"--resume: {str(run_dir)!r} is not a sweep directory (needs "
+                              "config.yaml and sweep.json)")
+        config = cfgmod.load(run_dir / "config.yaml", args.set)
+        saved = json.loads((run_dir / "sweep.json").read_text())["grid"]
+        grid = {k: ",".join(f"{v:g}" if isinstance(v, float) else v for v in saved[k])
+                for k in grid}
+    elif args.config is None:
+        raise ConfigError("trustml-sweep: give --config CONFIG (or --resume SWEEP_DIR)")
+    else:
+        config = cfgmod.load(args.config, args.set)
     if config.model.kind != "mlp":
         raise ConfigError("trustml-sweep: model.kind must be 'mlp' (tabular fairness sweep)")
-    weights, penalties = _floats(args.weights, "weights"), _names(args.penalties)
+    weights = _floats(args.weights or grid["weights"], "weights")
+    penalties = _names(args.penalties or grid["penalties"])
     if args.run_dir:
         run_dir = Path(args.run_dir)
-    else:
+    elif not args.resume:
         from trustml.runner import make_run_dir
 
         named = config.model_copy(deep=True)
         named.run.name = f"{config.run.name}-sweep"
         run_dir = make_run_dir(named)
-    summary = run_sweep(config, weights, penalties, run_dir, not args.no_references, not args.quiet)
+    cfgmod.use_threads(config)
+    summary = run_sweep(config, weights, penalties, run_dir, not args.no_references)
     for r in summary["results"]:
         print(
             f"{r['penalty']:>12} w={r['weight']:<6g} acc={r['accuracy']:.4f} "

@@ -24,10 +24,13 @@ def load_pretrained(name_or_path: str, key: str, revision: str | None = None,
                           f"weights ({str(err).splitlines()[0][:200]})") from None
 
 
-def build_lm(model_cfg: ModelConfig, vocab_size: int) -> GPT2LMHeadModel:
+def build_lm(model_cfg: ModelConfig, vocab_size: int,
+             eos_token_id: int | None = None) -> GPT2LMHeadModel:
     """``model_cfg.name`` (hub name or local folder) is loaded; otherwise a fresh model is built from
     ``GPT2Config(vocab_size=vocab_size, **model_cfg.config)``. ``model_cfg.dropout`` sets all three
-    GPT-2 dropouts unless ``model_cfg.config`` names them."""
+    GPT-2 dropouts unless ``model_cfg.config`` names them. ``eos_token_id`` (the tokenizer's) is
+    the fresh model's bos and eos: GPT2Config's default, GPT-2's 50256, lies outside a smaller
+    vocabulary (the canaries' word tokenizer), where transformers warns and generation misbehaves."""
     dropouts = {key: model_cfg.dropout for key in _DROPOUTS}
     if model_cfg.name is not None:
         model = load_pretrained(model_cfg.name, "model.name", model_cfg.revision, **dropouts)
@@ -40,7 +43,11 @@ def build_lm(model_cfg: ModelConfig, vocab_size: int) -> GPT2LMHeadModel:
     unknown = sorted(set(model_cfg.config) - set(GPT2Config().to_dict()))
     if unknown:  # GPT2Config would silently keep a mistyped key as an unused attribute
         raise ConfigError(f"model.config: {unknown} are not GPT2Config fields")
-    return GPT2LMHeadModel(GPT2Config(vocab_size=vocab_size, **{**dropouts, **model_cfg.config}))
+    if eos_token_id is None and vocab_size > GPT2Config().eos_token_id:
+        eos_token_id = GPT2Config().eos_token_id
+    special = {"bos_token_id": eos_token_id, "eos_token_id": eos_token_id}
+    return GPT2LMHeadModel(GPT2Config(vocab_size=vocab_size,
+                                      **{**dropouts, **special, **model_cfg.config}))
 
 
 def student_from_teacher(

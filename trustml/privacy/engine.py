@@ -21,7 +21,8 @@ from trustml.training.distributed import World
 
 NOT_POISSON_NOTE = (
     "poisson_sampling=False: batches are shuffled fixed-size mini-batches, but the accountant assumes "
-    "Poisson sampling with rate batch_size/N, so the reported epsilon is NOT a proven guarantee"
+    "Poisson sampling with rate batch_size/N, so the reported epsilon is NOT a proven guarantee; "
+    "set privacy.poisson: true (make_private(poisson_sampling=True)) for one"
 )
 
 

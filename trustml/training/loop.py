@@ -16,9 +16,9 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
-
 from trustml.config import ConfigError
+from trustml.progress import bar as progress_bar
+from trustml.progress import note
 from trustml.training.checkpoint import CheckpointError, load_state, save_state
 from trustml.training.distributed import World
 
@@ -190,8 +190,8 @@ def fit(model: nn.Module, objective, step, batches, *, epochs: int, run_dir: str
 
     def show(record: dict[str, Any]) -> None:
         if progress:
-            tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                                for k, v in record.items()))
+            note(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                          for k, v in record.items()))
 
     stopped, partial = None, None
     began = time.perf_counter()
@@ -201,8 +201,8 @@ def fit(model: nn.Module, objective, step, batches, *, epochs: int, run_dir: str
         source = batches.batches(epoch)
         if done:  # resumed mid-epoch: the order is a function of (seed, epoch); skip what was done
             source = itertools.islice(source, done, None)
-        bar = tqdm(source, total=per_epoch, initial=done, disable=not progress,
-                   desc=f"epoch {epoch + 1}/{epochs}", leave=False, dynamic_ncols=True)
+        bar = progress_bar(source, total=per_epoch, initial=done, disable=not progress,
+                           desc=f"epoch {epoch + 1}/{epochs}", leave=False)
         last: dict[str, float] = {}
         for batch in bar:
             reason = getattr(step, "exhausted", lambda: None)()
