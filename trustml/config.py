@@ -83,6 +83,9 @@ class PrivacyConfig(Section):
     poisson: bool = True
     physical_batch_size: int | None = Field(None, ge=1)
     epsilon_budget: float | None = Field(None, gt=0, description="stop before exceeding this")
+    verify: bool = Field(
+        True, description="self-check the first batch's clipped gradient against the naive "
+        "per-sample loop (float64 copy of the model); refuse the run on a mismatch")
 
     @model_validator(mode="after")
     def _one_noise_source(self) -> "PrivacyConfig":

@@ -85,7 +85,8 @@ def write_report(ctx: EvalContext, sections: list[ReportSection]) -> Path:
     (ctx.out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     lines = [f"# Evaluation of `{ctx.run_dir.name}`", ""]
     if ctx.summary:
-        keys = ("steps", "test_accuracy", "epsilon", "delta", "noise_multiplier", "stopped")
+        keys = ("steps", "test_accuracy", "epsilon", "delta", "noise_multiplier", "privacy_verification",
+                "stopped")
         facts = [f"{k} = {ctx.summary[k]:.4g}" if isinstance(ctx.summary[k], float)
                  else f"{k} = {ctx.summary[k]}" for k in keys if ctx.summary.get(k) is not None]
         lines += ["Training: " + ", ".join(facts), ""]

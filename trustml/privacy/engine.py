@@ -16,6 +16,7 @@ from trustml.privacy.accounting import PrivacyAccountant, calibrate_noise
 from trustml.privacy.clipping import PerSampleClipper, Strategy
 from trustml.privacy.sampling import PoissonBatches
 from trustml.privacy.step import DPStep
+from trustml.privacy.verify import Verification
 from trustml.training.distributed import World
 
 NOT_POISSON_NOTE = (
@@ -36,6 +37,11 @@ class PrivateTraining:
     sample_rate: float
     expected_batch_size: int
     note: str | None = None  # set when the epsilon is not a proven guarantee
+
+    @property
+    def verification(self) -> Verification | None:
+        """The self-check's result once the first batch has been stepped (None before, or off)."""
+        return self.step.verification
 
     def state_dict(self) -> dict[str, Any]:
         return self.step.state_dict()
@@ -73,6 +79,7 @@ def make_private(
     amp: str = "none",
     strategy: Strategy = "auto",
     world: World = World(),
+    verify: bool = True,
 ) -> PrivateTraining:
     """DP-SGD for ``model``: Poisson batches of expected size ``batch_size`` (a DataLoader's own
     batch size when ``data`` is one), clipping to ``max_grad_norm``, noise ``noise_multiplier`` or
@@ -80,6 +87,11 @@ def make_private(
 
     ``poisson_sampling=False`` draws shuffled fixed-size batches instead; the accountant still
     assumes Poisson sampling, so this warns and sets ``.note`` (the epsilon is then heuristic).
+
+    ``verify`` self-checks the first real batch against the naive per-sample loop (a float64 copy
+    of the model; see :mod:`trustml.privacy.verify`) and refuses the run on a mismatch; the
+    result is ``.verification``. Modules whose per-sample gradients cannot be made exact are
+    refused here or at the first step, with the module's name and the reason.
     """
     dataset = data.dataset if isinstance(data, DataLoader) else data
     if isinstance(data, DataLoader):
@@ -132,6 +144,7 @@ def make_private(
         amp=amp,
         seed=seed,
         world=world,
+        verify=verify,
     )
     if world.distributed:  # every rank starts from rank 0's weights, as DDP would ensure
         for tensor in [*model.parameters(), *model.buffers()]:

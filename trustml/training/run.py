@@ -161,7 +161,7 @@ def run_training(config: Config, run_dir: str | Path | None = None, resume: bool
                 accountant=p.accountant, poisson_sampling=p.poisson,
                 physical_batch_size=p.physical_batch_size, batch_size=config.train.batch_size,
                 epsilon_budget=p.epsilon_budget, seed=config.run.seed, amp=config.train.amp,
-                world=world)
+                world=world, verify=p.verify)
         except ValueError as err:
             raise ConfigError(f"privacy: {err}") from None
         step, batches = privacy.step, privacy.batches
@@ -206,7 +206,8 @@ def run_training(config: Config, run_dir: str | Path | None = None, resume: bool
         summary.update({"epsilon": privacy.accountant.epsilon(config.privacy.delta),
                         "delta": config.privacy.delta,
                         "noise_multiplier": privacy.noise_multiplier,
-                        "sample_rate": privacy.sample_rate, "privacy_note": privacy.note})
+                        "sample_rate": privacy.sample_rate, "privacy_note": privacy.note,
+                        "privacy_verification": privacy.verification and str(privacy.verification)})
     summary.update({"device": str(device), "world_size": world.size})
     if world.is_main:
         save_model(model, run_dir / "model.safetensors")
