@@ -30,6 +30,7 @@ POSITIONS = 64
 IMAGE = 16
 CHANNELS = 3
 LABELS = 3
+SEQ = 5
 FIRST_TOKEN = 4  # token ids from here on: no pad / bos / eos / unk / decoder-start ids in the batch
 
 Batch = dict[str, Tensor]
@@ -412,6 +413,16 @@ ZOO: list[ZooModel] = [
 ]
 
 
+def shapes(spec: ZooModel) -> dict[str, tuple[int, int]]:
+    """(batch, seq) per case: a plain batch (one sample padded), a batch size that collides with the
+    sequence length (vision: with a token or window count), one sample."""
+    return {
+        "plain": (3, SEQ),
+        "b_eq_t": (spec.collide, SEQ) if spec.collide else (4, 4),
+        "single": (1, SEQ),
+    }
+
+
 # ---------------------------------------------------------------------------------------------------
 # The reference and the verdict
 
@@ -447,10 +458,11 @@ def clip_norm_for(norms: Tensor) -> float:
     return float(s[0] / 2 if len(s) == 1 else (s[0] + s[1]) / 2)
 
 
-def clipped_sum(grads: list[list[Tensor]], norms: Tensor, c: float) -> list[Tensor]:
+def clipped_sum(grads: list[list[Tensor]], norms: Tensor, c: float, eps: float = 0.0) -> list[Tensor]:
+    """sum_i min(1, C / (||g_i|| + eps)) g_i (Opacus adds eps = 1e-6 to the norm)."""
     total = [torch.zeros_like(g) for g in grads[0]]
     for gi, ni in zip(grads, norms):
-        factor = min(1.0, c / float(ni))
+        factor = min(1.0, c / (float(ni) + eps))
         for t, g in zip(total, gi):
             t += factor * g
     return total
@@ -485,7 +497,10 @@ def compare_grads(
                 bad.append(f"{name}: no gradient")
                 worst = max(worst, 1.0)
             continue
-        if not torch.allclose(g, r, rtol=rtol, atol=atol):
+        if g.shape != r.shape:
+            bad.append(f"{name}: shape {tuple(g.shape)}, expected {tuple(r.shape)}")
+            worst = max(worst, 1.0)
+        elif not torch.allclose(g, r, rtol=rtol, atol=atol):
             err = max_rel_err(g, r)
             worst = max(worst, err)
             bad.append(f"{name}: rel err {err:.2g}")
