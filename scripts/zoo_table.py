@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -33,10 +34,8 @@ from zoo_models import (  # noqa: E402
     Verdict,
     ZooModel,
     check_trustml,
-    clip_norm_for,
-    clipped_sum,
     compare_grads,
-    per_sample_grads,
+    reference,
     shapes,
 )
 
@@ -85,18 +84,18 @@ def check_opacus(spec: ZooModel, batch_size: int, seq: int) -> Verdict:
     model = spec.build()
     batch = spec.batch(batch_size, seq)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    losses, grads, norms = per_sample_grads(model, spec.loss, batch)
-    with torch.no_grad():
-        coupled = not torch.allclose(spec.loss(model, batch), losses, rtol=1e-9, atol=1e-9)
-    c = clip_norm_for(norms)
+    ref = reference(spec, model, batch, eps=1e-6)  # Opacus's clip factor is C / (norm + 1e-6)
+    c = 1.0 if ref is None else ref[1]
     model.zero_grad(set_to_none=True)
     errors = ModuleValidator.validate(model, strict=False)
     if errors:
-        return Verdict("refused", f"validator: {errors[0]}")
+        return Verdict("refused", f"validator: {str(errors[0]).split('.')[0]}")
     try:
         gsm = GradSampleModule(model, batch_first=True, loss_reduction="sum")
     except NotImplementedError as e:
-        return Verdict("refused", str(e))
+        named_in = re.findall(r"support\(([\w.]+):", str(e))
+        why = f"trainable layer with buffers: {', '.join(named_in[:2])}" if named_in else str(e)
+        return Verdict("refused", why)
     sgd = torch.optim.SGD([p for _, p in named], lr=0.0)
     optimizer = DPOptimizer(
         sgd, noise_multiplier=0.0, max_grad_norm=c, expected_batch_size=batch_size, loss_reduction="sum"
@@ -106,10 +105,9 @@ def check_opacus(spec: ZooModel, batch_size: int, seq: int) -> Verdict:
         optimizer.clip_and_accumulate()
     except Exception as e:  # noqa: BLE001 - any failure is reported as such
         return Verdict("crash", f"{type(e).__name__}: {e}")
-    if coupled:
+    if ref is None:
         return Verdict("wrong", "samples of a batch are coupled, not refused")
-    ref = clipped_sum(grads, norms, c, eps=1e-6)  # Opacus's clip factor C / (norm + 1e-6)
-    verdict = compare_grads(named, [p.summed_grad for _, p in named], ref, rtol=1e-6, atol=1e-6)
+    verdict = compare_grads(named, [p.summed_grad for _, p in named], ref[0], rtol=1e-6, atol=1e-6)
     return Verdict("ok") if verdict.kind == "exact" else verdict
 
 
@@ -121,7 +119,7 @@ def cell(case: str, verdict: Verdict) -> str:
         return f"**WRONG**{where} (max rel err {verdict.max_err:.2g}; {short(verdict.detail, 70)})"
     if verdict.kind == "crash":
         return f"crash{where}: {short(verdict.detail)}"
-    reason = verdict.detail.split(": ", 1)[-1].removeprefix("module ")  # drop the exception class
+    reason = re.sub(r"^[A-Z]\w*: (module )?", "", verdict.detail)  # drop the exception class
     return f"refused{where}: {short(reason, 110)}"
 
 

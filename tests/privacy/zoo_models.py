@@ -509,9 +509,12 @@ def compare_grads(
     return Verdict("exact")
 
 
-def reference(spec: ZooModel, model: nn.Module, batch: Batch) -> tuple[list[Tensor], float] | None:
+def reference(
+    spec: ZooModel, model: nn.Module, batch: Batch, eps: float = 0.0
+) -> tuple[list[Tensor], float] | None:
     """The clipped sum of the naive loop and its C, or None when a sample's loss depends on the rest
-    of the batch (BatchNorm in train mode): then per-sample gradients are undefined."""
+    of the batch (BatchNorm in train mode): then per-sample gradients are undefined. ``eps`` as in
+    :func:`clipped_sum`."""
     try:
         losses, grads, norms = per_sample_grads(model, spec.loss, batch)
         with torch.no_grad():
@@ -523,7 +526,7 @@ def reference(spec: ZooModel, model: nn.Module, batch: Batch) -> tuple[list[Tens
     if not torch.isfinite(norms).all():
         raise AssertionError(f"{spec.name}: the reference gradients are not finite (a broken zoo entry)")
     c = clip_norm_for(norms)
-    return clipped_sum(grads, norms, c), c
+    return clipped_sum(grads, norms, c, eps), c
 
 
 def check_trustml(
