@@ -41,7 +41,16 @@ from torch.nn.utils import parametrize
 
 from trustml.privacy.generic import AmbiguousBatch, GenericRule, Refusal
 from trustml.privacy.graph import Box, stray_uses
-from trustml.privacy.layers import Factored, Rule, Use, batched, inner, merge, rule_for
+from trustml.privacy.layers import (
+    Factored,
+    Rule,
+    Use,
+    batch_dims,
+    batched,
+    inner,
+    merge,
+    rule_for,
+)
 
 Strategy = Literal["auto", "ghost", "materialise"]
 
@@ -141,7 +150,7 @@ class PerSampleClipper:
         self._inside = 0  # depth of generic-path calls: what runs inside one is theirs
         self._hooked: dict[nn.Module, str] = {}
         self._rules: dict[nn.Module, tuple[tuple, Rule]] = {}
-        self._proven: set[tuple] = set()
+        self._proven: dict[tuple, list[list[int]]] = {}  # signature -> each output's batch dim
         self._handles = [model.register_forward_pre_hook(self._note_batch, with_kwargs=True)]
         self._layout_key: tuple | None = None
         self._attach()
@@ -279,9 +288,10 @@ class PerSampleClipper:
             tuple(id(p) for p in trainable),
             batch > 1,
         )
-        if signature not in self._proven:
-            self._probe(losses, records, batch, trainable)
-            self._proven.add(signature)
+        dims = self._proven.get(signature)
+        if dims is None:
+            dims = self._probe(losses, records, batch, trainable)
+            self._proven[signature] = dims
         grads = torch.autograd.grad(
             losses,
             edges + unused,
@@ -294,7 +304,7 @@ class PerSampleClipper:
                     f"parameter {self._param_name(p)} got a gradient without its module being "
                     "called (used functionally?); per-sample clipping cannot see that use"
                 )
-        plans = self._plans(records, grads, batch)
+        plans = self._plans(records, grads, batch, dims)
         dtype = torch.float64 if any(p.dtype == torch.float64 for p, _ in plans) else torch.float32
         norm2 = torch.zeros(batch, dtype=dtype, device=losses.device)
         for _, plan in plans:
@@ -324,13 +334,11 @@ class PerSampleClipper:
                 return f"{pname} ({type(owner).__name__})"
         return "<unnamed>"
 
-    def _out_dims(self, r: _Record, batch: int) -> list[int]:
-        if isinstance(r.rule, GenericRule):
-            try:
-                return r.rule.out_dims(r.module, r.saved, batch)
-            except Refusal as err:
-                raise Refusal(f"{self._name(r.module)}: {err}") from None
-        return [0] * len(r.edges)
+    def _layout_dims(self, r: _Record, batch: int) -> list[int]:
+        try:
+            return r.rule.out_dims(r.module, r.saved, batch)
+        except Refusal as err:
+            raise Refusal(f"{self._name(r.module)}: {err}") from None
 
     def _refuse(self, r: _Record, why: str, batch: int) -> Refusal:
         shapes = [s for s, _, _ in r.outputs] + [
@@ -356,8 +364,11 @@ class PerSampleClipper:
             )
         raise self._refuse(r, why, batch)
 
-    def _probe(self, losses: Tensor, records: list[_Record], batch: int, trainable: list) -> None:
-        """Prove this pass's structure once (see the module docstring) or refuse."""
+    def _probe(
+        self, losses: Tensor, records: list[_Record], batch: int, trainable: list
+    ) -> list[list[int]]:
+        """Prove this pass's structure once (see the module docstring) or refuse; return the
+        batch dim of every recorded output."""
         names = {id(p): self._param_name(p) for p in trainable}
         boxes = [
             Box(r.edges,
@@ -386,34 +397,55 @@ class PerSampleClipper:
             raise self._refuse(r, str(err), batch) from None
         finally:
             self._recording = True
-        if batch < 2 or not records:
-            return
-        dims = [self._out_dims(r, batch) for r in records]
         edges = [e for r in records for e in r.edges]
-        for parity in (0, 1):
-            keep = (torch.arange(batch, device=losses.device) % 2 == parity).to(losses.dtype)
-            grads = iter(torch.autograd.grad(losses, edges, keep, retain_graph=True,
-                                             allow_unused=True))
-            for r, ds in zip(records, dims):
-                for g, d in zip([next(grads) for _ in r.edges], ds):
-                    if g is None:
-                        continue
-                    self._check_shape(r, g, d, batch)
-                    other = g.movedim(d, 0)[keep == 0]
-                    if bool((other != 0).any()):
+        parities = []
+        for parity in (0, 1) if batch > 1 and edges else ():
+            keep = torch.arange(batch, device=losses.device) % 2 == parity
+            grads = torch.autograd.grad(losses, edges, keep.to(losses.dtype), retain_graph=True,
+                                        allow_unused=True)
+            parities.append((keep, grads))
+        dims, at = [], 0
+        for r in records:
+            generic = isinstance(r.rule, GenericRule)
+            fixed = self._layout_dims(r, batch) if generic else None
+            mine = []
+            for k, (shape, _, _) in enumerate(r.outputs):
+                cands = [fixed[k]] if generic else batch_dims(r.rule, r.module, len(shape))
+                ok = [d for d in cands if len(shape) > d and shape[d] == batch
+                      and all(self._rows_local(g[at + k], d, keep) for keep, g in parities)]
+                if not ok:
+                    if generic and len(shape) > fixed[k] and shape[fixed[k]] == batch:
                         raise self._refuse(
-                            r, f"rows of its output (dim {d}) reach the losses of other samples, so "
-                            "that dim is not the batch (a sequence-first tensor, or a batch-1 "
-                            "output that is not a broadcast over the batch)", batch)
+                            r, f"rows of its output (dim {fixed[k]}) reach the losses of other "
+                            "samples, so that dim is not the batch (a sequence-first tensor, or "
+                            "an input shared by the batch?)", batch)
+                    self._check_shape(r, torch.empty(shape, device="meta"), cands[0], batch)
+                    raise self._refuse(
+                        r, f"no dim of its output {tuple(shape)} holds one sample per row (a "
+                        "batch-1 output that is not a broadcast over the batch, or samples "
+                        "mixed?)", batch)
+                if len(ok) > 1 and batch > 1:
+                    raise AmbiguousBatch(
+                        f"{self._name(r.module)}: dims {ok} of its output {tuple(shape)} could "
+                        f"each be the batch of size {batch}")
+                mine.append(ok[0])
+            dims.append(mine)
+            at += len(r.edges)
+        return dims
+
+    @staticmethod
+    def _rows_local(g: Tensor | None, d: int, keep: Tensor) -> bool:
+        """The gradient of the kept samples' losses is zero on the other samples' rows."""
+        return g is None or not bool(g.movedim(d, 0)[~keep].ne(0).any())
 
     def _plans(
-        self, records: list[_Record], grads: tuple, batch: int
+        self, records: list[_Record], grads: tuple, batch: int, dims: list[list[int]]
     ) -> list[tuple[nn.Parameter, _ParamPlan]]:
         uses: dict[int, tuple[nn.Parameter, list[Use]]] = {}
         at = 0
         self._recording = False  # the generic path re-runs modules: do not record those calls
         try:
-            for r in records:
+            for r, ds in zip(records, dims):
                 gs = list(grads[at : at + len(r.edges)])
                 at += len(r.edges)
                 if all(g is None for g in gs):
@@ -422,10 +454,13 @@ class PerSampleClipper:
                     torch.zeros(s, dtype=d, device=dev) if g is None else g
                     for g, (s, d, dev) in zip(gs, r.outputs)
                 ]
-                for g, d in zip(gs, self._out_dims(r, batch)):
+                for g, d in zip(gs, ds):
                     self._check_shape(r, g, d, batch)
+                saved = r.saved
+                if not isinstance(r.rule, GenericRule) and ds[0] != 0:  # sequence-first
+                    gs, saved = [g.movedim(ds[0], 0) for g in gs], saved.movedim(ds[0], 0)
                 try:
-                    for p, use in r.rule.uses(r.module, r.saved, gs, batch):
+                    for p, use in r.rule.uses(r.module, saved, gs, batch):
                         uses.setdefault(id(p), (p, []))[1].append(use)
                 except Refusal as err:
                     raise Refusal(f"{self._name(r.module)}: {err}") from None

@@ -73,7 +73,8 @@ def _rnn_layout(module: nn.RNNBase, saved: Saved) -> Layout:
     dims: list[int | None] = [None] * len(saved.flat)
     dims[first] = b
     for i in tree_leaves(_arg(args, kwargs, 1, "hx")):
-        dims[i] = 1  # h_0 / c_0: (layers * directions, batch, hidden)
+        if isinstance(i, int):
+            dims[i] = 1  # h_0 / c_0: (layers * directions, batch, hidden)
     # outputs: (output, h_n) or (output, (h_n, c_n)); h_n and c_n have the batch in dim 1
     return Layout(dims, [b if k == 0 else 1 for k in saved.positions])
 
@@ -88,10 +89,10 @@ def _mha_layout(module: nn.MultiheadAttention, saved: Saved) -> Layout:
             raise Refusal("unbatched (2-D) attention input: pass 3-D query/key/value")
         dims[i] = b
     mask = _arg(args, kwargs, 3, "key_padding_mask")
-    if mask is not None:
+    if isinstance(mask, int):
         dims[mask] = 0
     attn = _arg(args, kwargs, 5, "attn_mask")
-    if attn is not None and saved.flat[attn].dim() == 3:
+    if isinstance(attn, int) and saved.flat[attn] is not None and saved.flat[attn].dim() == 3:
         raise Refusal(
             "a 3-D attn_mask (batch * heads, L, S) interleaves batch and heads: pass a 2-D "
             "attn_mask and a key_padding_mask instead"
@@ -148,12 +149,12 @@ class GenericRule:
         outs = tree_leaves(functional_call(module, p, args, kwargs))
         return [outs[k].squeeze(d) for k, d in zip(saved.positions, lay.outputs)]
 
-    def _per_sample(self, fn, params, saved: Saved, lay: Layout, extra=(), extra_dims=()):
+    def _per_sample(self, fn, params, saved: Saved, lay: Layout, extra=(), extra_dims=(),
+                    out_dims: Any = 0):
         """vmap ``fn(params, sample inputs, *extra)`` over the batch; a loop where vmap fails."""
         try:
-            return vmap(fn, in_dims=(None, lay.inputs, *extra_dims), randomness="error")(
-                params, saved.flat, *extra
-            )
+            return vmap(fn, in_dims=(None, lay.inputs, *extra_dims), out_dims=out_dims,
+                        randomness="error")(params, saved.flat, *extra)
         except RuntimeError as err:
             if "random" in str(err):
                 raise Refusal(
@@ -178,14 +179,16 @@ class GenericRule:
         """Replay the module per sample; None if it reproduces the recorded outputs, else why not."""
         lay = layout(module, saved, batch)
         if all(d is None for d in lay.inputs):
+            if batch == 1:
+                return None  # one sample: its gradient is the whole gradient
             return "none of its inputs carries the batch (a broadcast call: its output is shared)"
         params = {n: p.detach() for n, p in module.named_parameters()}
 
         def replay(p, flat):
-            return self._outputs(module, p, flat, saved, lay)
+            return tuple(self._outputs(module, p, flat, saved, lay))
 
         with torch.no_grad():
-            outs = self._per_sample(replay, params, saved, lay)
+            outs = self._per_sample(replay, params, saved, lay, out_dims=tuple(lay.outputs))
         for got, want in zip(outs, saved.outputs):
             scale = want.abs().max().item() if want.numel() else 0.0
             if got.shape != want.shape or not torch.allclose(
@@ -212,6 +215,17 @@ class GenericRule:
             return sum((o * g).sum() for o, g in zip(outs, gs))
 
         detached = {n: p.detach() for n, p in params.items()}
+        if all(d is None for d in lay.inputs):  # one sample (else refused by check)
+
+            def whole_loss(p: dict[str, Tensor]) -> Tensor:
+                args, kwargs = tree_unflatten(saved.flat, saved.spec)
+                outs = tree_leaves(functional_call(module, {**frozen, **p}, args, kwargs))
+                return sum((outs[k] * g).sum() for k, g in zip(saved.positions, grads))
+
+            whole = grad(whole_loss)(detached)
+            for name, p in params.items():
+                yield p, whole[name].unsqueeze(0)
+            return
         per_sample = self._per_sample(
             grad(sample_loss), detached, saved, lay, (grads,), (lay.outputs,)
         )

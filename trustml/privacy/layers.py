@@ -137,6 +137,16 @@ class Rule(Protocol):
     ) -> Iterator[tuple[nn.Parameter, Use]]: ...
 
 
+def batch_dims(rule: Rule, module: nn.Module, ndim: int) -> range:
+    """Dims of a rule's output that may be the batch: any leading dim of a position-wise layer
+    (a sequence-first (T, B, d) Linear is fine once the probe has proved which one), else dim 0."""
+    if isinstance(rule, (LinearRule, Conv1DRule, EmbeddingRule)):
+        return range(ndim - 1)
+    if isinstance(rule, LayerNormRule):
+        return range(ndim - len(module.normalized_shape))
+    return range(min(ndim, 1))
+
+
 def _trainable(p: nn.Parameter | None) -> bool:
     return p is not None and p.requires_grad
 
@@ -277,7 +287,9 @@ _OWN_PARAMS = {
 
 
 def plain_subclass(module: nn.Module, base: type) -> str | None:
-    """None if ``module`` computes exactly what ``base`` computes; else why not."""
+    """None if ``module`` computes exactly what ``base`` computes; else why not. Also for an
+    instance of ``base`` itself: legacy ``weight_norm`` replaces a Linear's ``weight`` Parameter
+    by ``weight_g`` / ``weight_v`` on the instance, and ``forward`` can be replaced there."""
     for cls in type(module).__mro__:
         if cls is base:
             break
@@ -303,7 +315,7 @@ def rule_for(module: nn.Module) -> Rule | None:
     base = next((c for c in type(module).__mro__ if c in RULES), None)
     if base is None:
         return None
-    if base is not type(module) and plain_subclass(module, base) is not None:
+    if plain_subclass(module, base) is not None:
         return None
     if isinstance(module, (nn.Embedding, nn.EmbeddingBag)) and (
         module.scale_grad_by_freq or module.sparse
