@@ -385,10 +385,26 @@ class PerSampleClipper:
                 "per-sample clipping would drop that use. Call the module instead of using its "
                 "weight directly (e.g. tie weights to an nn.Linear), or freeze the parameter."
             )
+        edges = [e for r in records for e in r.edges]
+        reached = (
+            torch.autograd.grad(losses.sum(), edges, retain_graph=True, allow_unused=True)
+            if edges else ()
+        )
+        parities = []
+        for parity in (0, 1) if batch > 1 and edges else ():
+            keep = torch.arange(batch, device=losses.device) % 2 == parity
+            grads = torch.autograd.grad(losses, edges, keep.to(losses.dtype), retain_graph=True,
+                                        allow_unused=True)
+            parities.append((keep, grads))
+        live, at = [], 0  # calls whose outputs reach this loss (not a forward left without backward)
+        for r in records:
+            live.append(any(g is not None for g in reached[at : at + len(r.edges)]))
+            at += len(r.edges)
         self._recording = False
         try:
-            for r in records:
-                why = r.rule.check(r.module, r.saved, batch) if isinstance(r.rule, GenericRule) else None
+            for r, alive in zip(records, live):
+                why = r.rule.check(r.module, r.saved, batch) if alive and isinstance(
+                    r.rule, GenericRule) else None
                 if why:
                     raise self._refuse(r, why, batch)
         except Refusal as err:
@@ -397,15 +413,12 @@ class PerSampleClipper:
             raise self._refuse(r, str(err), batch) from None
         finally:
             self._recording = True
-        edges = [e for r in records for e in r.edges]
-        parities = []
-        for parity in (0, 1) if batch > 1 and edges else ():
-            keep = torch.arange(batch, device=losses.device) % 2 == parity
-            grads = torch.autograd.grad(losses, edges, keep.to(losses.dtype), retain_graph=True,
-                                        allow_unused=True)
-            parities.append((keep, grads))
         dims, at = [], 0
-        for r in records:
+        for r, alive in zip(records, live):
+            if not alive:
+                dims.append([0] * len(r.edges))
+                at += len(r.edges)
+                continue
             generic = isinstance(r.rule, GenericRule)
             fixed = self._layout_dims(r, batch) if generic else None
             mine = []
