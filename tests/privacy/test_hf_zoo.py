@@ -1,9 +1,9 @@
 """Every architecture of the Hugging Face zoo: the DP engine is exact (to 1e-6 in float64, against the
 naive per-sample loop) or refuses with an error naming a module -- never silently wrong.
 
-Three cases per architecture (:func:`zoo_models.shapes`): a plain batch (B=3, T=5, one padded
-sample), a batch whose size collides with the sequence length (B == T; for vision, B == a token or
-window count) and a batch of one sample.
+Four cases per architecture (:func:`zoo_models.shapes`): a plain batch (B=3, T=5, one sample padded
+with the pad token), a batch whose size collides with the sequence length (B == T; for vision, B ==
+a token or window count), one whose size equals the number of heads (B == 2) and a batch of one.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import trustml.privacy.verify as verify_module
 from trustml.privacy import PerSampleClipper, make_private
 from trustml.training.objectives import ObjectiveOutput
 
-CASES = ["plain", "b_eq_t", "single"]
+CASES = ["plain", "b_eq_t", "b_eq_heads", "single"]
 
 
 @pytest.mark.parametrize("case", CASES)

@@ -81,10 +81,17 @@ class ZooModel:
     cls: str | None = None  # a transformers class, where the Auto class has no mapping
     load: dict[str, Any] = field(default_factory=dict)  # from_config options (e.g. MoE kernels)
 
+    def hf_config(self) -> Any:
+        from transformers import AutoConfig
+
+        extra: dict[str, Any] = {}
+        if self.head in ("seq-cls", "image-cls"):
+            extra["num_labels"] = LABELS
+        return AutoConfig.for_model(self.model_type, **{**NO_DROPOUT, **extra, **self.config})
+
     def build(self, seed: int = 0) -> nn.Module:
         import transformers
         from transformers import (
-            AutoConfig,
             AutoModelForCausalLM,
             AutoModelForImageClassification,
             AutoModelForSeq2SeqLM,
@@ -99,13 +106,9 @@ class ZooModel:
         }[self.head]
         if self.cls:
             auto = getattr(transformers, self.cls)
-        extra: dict[str, Any] = {}
-        if self.head in ("seq-cls", "image-cls"):
-            extra["num_labels"] = LABELS
-        config = AutoConfig.for_model(self.model_type, **{**NO_DROPOUT, **extra, **self.config})
         torch.manual_seed(seed)
         build = auto._from_config if self.cls else auto.from_config
-        model = build(config, attn_implementation="eager", **self.load).to(torch.float64)
+        model = build(self.hf_config(), attn_implementation="eager", **self.load).to(torch.float64)
         for m in model.modules():  # hard-coded dropouts as well
             if isinstance(m, nn.Dropout):
                 m.p = 0.0
@@ -122,8 +125,11 @@ class ZooModel:
             }
         ids = torch.randint(FIRST_TOKEN, VOCAB, (batch, seq), generator=g)
         mask = torch.ones(batch, seq, dtype=torch.long)
-        if pad and seq > 2:
-            mask[0, -2:] = 0  # a padded sample, as in any real batch of texts
+        if pad and seq > 2:  # a right-padded sample, as in any real batch of texts
+            mask[0, -2:] = 0
+            pad_id = getattr(self.hf_config(), "pad_token_id", None)
+            if isinstance(pad_id, int) and 0 <= pad_id < VOCAB:
+                ids[0, -2:] = pad_id  # what a tokenizer puts there (embeddings with padding_idx)
         out = {"input_ids": ids, "attention_mask": mask}
         if self.head == "seq-cls":
             out["labels"] = torch.randint(0, LABELS, (batch,), generator=g)
@@ -415,10 +421,11 @@ ZOO: list[ZooModel] = [
 
 def shapes(spec: ZooModel) -> dict[str, tuple[int, int]]:
     """(batch, seq) per case: a plain batch (one sample padded), a batch size that collides with the
-    sequence length (vision: with a token or window count), one sample."""
+    sequence length (vision: with a token or window count), with the number of heads, one sample."""
     return {
         "plain": (3, SEQ),
         "b_eq_t": (spec.collide, SEQ) if spec.collide else (4, 4),
+        "b_eq_heads": (HEADS, SEQ),  # == the number of heads (and of layers)
         "single": (1, SEQ),
     }
 
