@@ -552,9 +552,11 @@ def check_trustml(
         clipper = PerSampleClipper(model, max_grad_norm=1.0 if ref is None else ref[1])
         clipper.backward(spec.loss(model, batch))
     except Exception as e:  # noqa: BLE001 - any refusal is judged by its message
-        message = f"{type(e).__name__}: {e}"
-        kind = "refused" if names_a_module(str(e), model) else "crash"
-        return Verdict(kind, message.splitlines()[0][:300])
+        message = f"{type(e).__name__}: {e}".splitlines()[0][:300]
+        written = [n for n, p in named if p.grad is not None]
+        if written:  # DPStep retries some refusals on split batches: a partial sum would count twice
+            return Verdict("wrong", f"refused after writing .grad of {written[0]} ({message})", 1.0)
+        return Verdict("refused" if names_a_module(str(e), model) else "crash", message)
     finally:
         if clipper is not None:
             clipper.remove()
