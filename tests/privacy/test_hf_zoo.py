@@ -104,3 +104,15 @@ def test_self_check_refuses_a_silently_wrong_engine(monkeypatch: pytest.MonkeyPa
         private_step(spec, 3, 5, model)
     assert any(name in str(err.value) for name, _ in model.named_parameters())  # names the parameter
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # no update
+
+
+@pytest.mark.parametrize("case", ["plain", "b_eq_t"])
+def test_make_private_refuses_t5_before_any_update(case: str) -> None:
+    """A refused architecture (T5's relative attention bias is shared by the batch) stops the DP step
+    with an error naming the module, and no parameter moves (B == T is split and retried first)."""
+    spec = next(s for s in ZOO if s.name == "t5")
+    model = spec.build()
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(Exception, match="relative_attention_bias"):
+        private_step(spec, *shapes(spec)[case], model)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
