@@ -147,9 +147,11 @@ class PerSampleClipper:
         self._records: list[_Record] = []
         self._batch = 0
         self._recording = True
-        self._inside = 0  # depth of generic-path calls: what runs inside one is theirs
+        self._open: list[nn.Module] = []  # generic-path calls running: what runs inside is theirs
+        self._entered: set[nn.Module] = set()  # generic-path modules with their pre-hook
         self._hooked: dict[nn.Module, str] = {}
-        self._rules: dict[nn.Module, tuple[tuple, Rule]] = {}
+        self._rules: dict[nn.Module, tuple[tuple, Rule, list[nn.Parameter]]] = {}
+        self._trainable: list[nn.Parameter] = []
         self._proven: dict[tuple, list[list[int]]] = {}  # signature -> each output's batch dim
         self._handles = [model.register_forward_pre_hook(self._note_batch, with_kwargs=True)]
         self._layout_key: tuple | None = None
@@ -159,6 +161,7 @@ class PerSampleClipper:
 
     def _attach(self) -> None:
         """Hook every not-yet-hooked module owning parameters (each module once, however shared)."""
+        self._rules.clear()  # parameters were added or (un)frozen: re-decide rules and coverage
         inner = {
             id(sub)
             for m in self.model.modules()
@@ -171,13 +174,12 @@ class PerSampleClipper:
             if module in self._hooked or id(module) in inner or not _owned(module):
                 continue
             self._hooked[module] = name
-            self._rule(module)  # refuse unsupported layer options now, not mid-training
-            self._handles += [
-                module.register_forward_pre_hook(self._enter),
+            self._handles.append(
                 module.register_forward_hook(self._record, with_kwargs=True, prepend=True,
-                                             always_call=True),
-            ]
+                                             always_call=True))
+            self._rule(module)  # refuse unsupported layer options now, not mid-training
         self._layout_key = self._param_key()
+        self._trainable = [p for p in self.model.parameters() if p.requires_grad]
 
     def _param_key(self) -> tuple:
         return tuple((id(p), p.requires_grad) for p in self.model.parameters())
@@ -187,7 +189,7 @@ class PerSampleClipper:
 
     def _rule(self, module: nn.Module) -> Rule:
         """The module's rule, re-decided when its parameters change (e.g. one added later)."""
-        key = (tuple(module._parameters), parametrize.is_parametrized(module))
+        key = (len(module._parameters), type(module))  # parametrizing changes the class
         cached = self._rules.get(module)
         if cached is not None and cached[0] == key:
             return cached[1]
@@ -200,7 +202,11 @@ class PerSampleClipper:
                 if isinstance(sub, _BatchNorm):
                     raise _batchnorm_error(f"{self._hooked.get(module, '')}.{sub_name}", sub)
             rule = GenericRule()
-        self._rules[module] = (key, rule)
+            if module not in self._entered:  # from the next call on (see _record)
+                self._entered.add(module)
+                self._handles.append(module.register_forward_pre_hook(self._enter))
+        covered = list(module.parameters()) if isinstance(rule, GenericRule) else _owned(module)
+        self._rules[module] = (key, rule, covered)
         return rule
 
     # ---- forward: record each call ---------------------------------------------------------
@@ -208,8 +214,8 @@ class PerSampleClipper:
     def _note_batch(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if not self._recording:
             return
-        self._inside = 0
-        if self._param_key() != self._layout_key:  # a module or parameter added since
+        self._open.clear()
+        if self._param_key() != self._layout_key:  # a module or parameter added, or unfrozen
             self._attach()
         first = _first_tensor((args, kwargs))
         if first is not None:
@@ -217,15 +223,15 @@ class PerSampleClipper:
 
     def _enter(self, module: nn.Module, args: tuple) -> None:
         if self._recording and isinstance(self._rule(module), GenericRule):
-            self._inside += 1
+            self._open.append(module)
 
     def _record(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         if not self._recording:
             return None
         rule = self._rule(module)
-        if isinstance(rule, GenericRule):
-            self._inside -= 1
-        if self._inside > 0 or not torch.is_grad_enabled():
+        if self._open and self._open[-1] is module:
+            self._open.pop()
+        if self._open or not torch.is_grad_enabled():
             return None  # inside a generic-path call: that call's rule covers this one
         first = _first_tensor((args, kwargs))
         leaves, spec = tree_flatten(output)
@@ -274,7 +280,7 @@ class PerSampleClipper:
                 "per_sample_losses does not require grad "
                 "(computed under no_grad, or no trainable parameters?)"
             )
-        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        trainable = self._trainable  # as of this forward (see _note_batch)
         used = {id(p) for r in records for p in self._covered(r)}
         unused = [p for p in trainable if id(p) not in used]
         edges = [e for r in records for e in r.edges]
@@ -320,8 +326,7 @@ class PerSampleClipper:
         return norms
 
     def _covered(self, record: _Record) -> list[nn.Parameter]:
-        m = record.module
-        return list(m.parameters()) if isinstance(record.rule, GenericRule) else _owned(m)
+        return self._rules[record.module][2]
 
     def _param_name(self, p: Tensor) -> str:
         for module, name in self._hooked.items():
@@ -386,19 +391,20 @@ class PerSampleClipper:
                 "weight directly (e.g. tie weights to an nn.Linear), or freeze the parameter."
             )
         edges = [e for r in records for e in r.edges]
-        reached = (
-            torch.autograd.grad(losses.sum(), edges, retain_graph=True, allow_unused=True)
-            if edges else ()
-        )
         parities = []
         for parity in (0, 1) if batch > 1 and edges else ():
             keep = torch.arange(batch, device=losses.device) % 2 == parity
             grads = torch.autograd.grad(losses, edges, keep.to(losses.dtype), retain_graph=True,
                                         allow_unused=True)
             parities.append((keep, grads))
+        if batch == 1 and edges:
+            one = torch.ones(1, dtype=torch.bool, device=losses.device)
+            parities.append((one, torch.autograd.grad(
+                losses.sum(), edges, retain_graph=True, allow_unused=True)))
         live, at = [], 0  # calls whose outputs reach this loss (not a forward left without backward)
         for r in records:
-            live.append(any(g is not None for g in reached[at : at + len(r.edges)]))
+            live.append(any(g[i] is not None for _, g in parities
+                            for i in range(at, at + len(r.edges))))
             at += len(r.edges)
         self._recording = False
         try:
