@@ -236,6 +236,28 @@ class GateOutside(nn.Module):
         return self.gate.inner(self.gate(x))
 
 
+class Reads(nn.Module):
+    """A generic-path module that reads a tensor computed elsewhere from an attribute."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.tensor(0.5))
+        self.cache: Tensor | None = None
+
+    def forward(self, x):
+        return x * self.w + self.cache
+
+
+class Stash(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(D, D), Reads()
+
+    def forward(self, x):
+        self.b.cache = self.a.weight.sum()  # reaches the loss inside b's call, not b's parameter
+        return self.b(self.a(x))
+
+
 class SeqFirstLinear(nn.Module):
     """Feeds (T, B, d) to a Linear: its dim 0 is time, its dim 1 the batch (proved by the probe)."""
 
@@ -393,6 +415,8 @@ CASES = [
     Case("generic-child-called-outside", GateOutside, randn("B", T, D), squared_loss),
     Case("direct-weight-use", lambda: Tokens(nn.Embedding(11, D), direct=True), ids(11),
          squared_loss, expect="refused", names=("emb.weight", "Embedding")),
+    Case("weight-read-inside-another-call", Stash, randn("B", T, D), squared_loss,
+         expect="refused", names=("a.weight", "Linear", "inside module b (Reads)")),
     Case("sequence-first-linear", SeqFirstLinear, randn("B", T, D), squared_loss),
     Case("shared-TxT-mask", lambda: MaskedModel(False), randn("B", T, D), squared_loss,
          names=("mix", "MaskedMix"), exact_when=lambda b: b != T),

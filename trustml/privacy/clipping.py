@@ -438,7 +438,8 @@ class PerSampleClipper:
                             r, f"rows of its output (dim {fixed[k]}) reach the losses of other "
                             "samples, so that dim is not the batch (a sequence-first tensor, or "
                             "an input shared by the batch?)", batch)
-                    self._check_shape(r, torch.empty(shape, device="meta"), cands[0], batch)
+                    self._check_shape(r, torch.empty(shape, device="meta"),
+                                      cands[0] if cands else 0, batch)
                     raise self._refuse(
                         r, f"no dim of its output {tuple(shape)} holds one sample per row (a "
                         "batch-1 output that is not a broadcast over the batch, or samples "
