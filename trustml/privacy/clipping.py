@@ -177,7 +177,8 @@ class PerSampleClipper:
             self._handles.append(
                 module.register_forward_hook(self._record, with_kwargs=True, prepend=True,
                                              always_call=True))
-            self._rule(module)  # refuse unsupported layer options now, not mid-training
+        for module in self._hooked:  # refuse unsupported layers now, not mid-training; and a
+            self._rule(module)  # module turned generic gets its pre-hook before its next call
         self._layout_key = self._param_key()
         self._trainable = [p for p in self.model.parameters() if p.requires_grad]
 
