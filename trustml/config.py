@@ -127,6 +127,9 @@ class PrivacyConfig(Section):
         True, description="noise and batch sampling from the OS CSPRNG, never from run.seed nor "
         "saved; false: seeded from run.seed for bit-reproducible runs (anyone with the seed can "
         "remove the noise)")
+    verify: bool = Field(
+        True, description="self-check the first batch's clipped gradient against the naive "
+        "per-sample loop (float64 copy of the model); refuse the run on a mismatch")
 
     @model_validator(mode="after")
     def _one_noise_source(self) -> "PrivacyConfig":

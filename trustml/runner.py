@@ -213,7 +213,7 @@ def run_training(config: Config, run_dir: str | Path | None = None, resume: bool
                 physical_batch_size=p.physical_batch_size, batch_size=config.train.batch_size,
                 epsilon_budget=p.epsilon_budget, secure_rng=p.secure_rng, seed=config.run.seed,
                 amp=config.train.amp,
-                world=world)
+                world=world, verify=p.verify)
         except ValueError as err:
             raise ConfigError(f"privacy: {err}") from None
         step, batches = privacy.step, privacy.batches
@@ -279,7 +279,8 @@ def run_training(config: Config, run_dir: str | Path | None = None, resume: bool
                         "sample_rate": privacy.sample_rate, "privacy_note": privacy.note,
                         "privacy_rng": "secure" if privacy.secure_rng else
                         "reproducible (seeded from run.seed)",
-                        "accountant_history": privacy.accountant.history})
+                        "accountant_history": privacy.accountant.history,
+                        "privacy_verification": privacy.verification and str(privacy.verification)})
     summary.update({"device": str(device), "world_size": world.size, "data": parts.meta})
     if len(parts.val) == 0:
         summary.setdefault("warnings", []).append(

@@ -114,6 +114,7 @@ def write_report(ctx: EvalContext, sections: list[ReportSection]) -> Path:
     lines = [f"# Evaluation of `{ctx.run_dir.name}`", ""]
     if ctx.summary:
         keys = ("steps", "test_accuracy", "epsilon", "delta", "noise_multiplier", "privacy_rng",
+                "privacy_verification",
                 "stopped")
         facts = [f"{k} = {ctx.summary[k]:.4g}" if isinstance(ctx.summary[k], float)
                  else f"{k} = {ctx.summary[k]}" for k in keys if ctx.summary.get(k) is not None]

@@ -12,8 +12,18 @@ pass that asks autograd only for the gradients of those outputs -- so autograd n
 
 A parameter used by several layers (GPT-2's tied ``wte``/``lm_head``) gets the norm of the *sum* of
 its uses, cross terms included; a layer called several times per forward accumulates its calls; a
-layer whose input has batch 1 while the model's input has batch B (GPT-2's default position ids)
-has its output expanded to B so that its output gradient stays per-sample.
+module registered under two parents is hooked once; a layer whose input has batch 1 while the
+model's input has batch B (GPT-2's default position ids) has its output expanded to B so that its
+output gradient stays per-sample.
+
+Nothing is assumed silently. Each new *signature* of a pass (which layers ran, the trainable set,
+where the batch size occurs in their shapes) is proved once, before its gradients are used, by a
+probe (:meth:`PerSampleClipper._probe`): the autograd graph holds no parameter use outside the
+recorded calls (:mod:`trustml.privacy.graph`); each recorded output's rows reach only their own
+sample's loss (two backward passes over the even and the odd samples); every generic-path call
+replays exactly per sample. A failure is a :class:`Refusal` naming the module, its class and why
+(an :class:`AmbiguousBatch` when the batch size collides with another dimension: another batch
+size may pass, and DPStep retries with one).
 """
 
 from __future__ import annotations
@@ -27,8 +37,20 @@ from torch.autograd.graph import GradientEdge, get_gradient_edge
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils._pytree import tree_flatten, tree_leaves, tree_unflatten
 
-from trustml.privacy.generic import GenericRule
-from trustml.privacy.layers import Factored, Rule, Use, batched, inner, merge, rule_for
+from torch.nn.utils import parametrize
+
+from trustml.privacy.generic import AmbiguousBatch, GenericRule, Refusal
+from trustml.privacy.graph import Box, stray_uses
+from trustml.privacy.layers import (
+    Factored,
+    Rule,
+    Use,
+    batch_dims,
+    batched,
+    inner,
+    merge,
+    rule_for,
+)
 
 Strategy = Literal["auto", "ghost", "materialise"]
 
@@ -40,6 +62,7 @@ class _Record:
     saved: Any
     edges: list[GradientEdge]
     outputs: list[tuple[torch.Size, torch.dtype, torch.device]]
+    inputs: tuple  # the call's (args, kwargs), for the graph walk of the probe
 
 
 class _ParamPlan:
@@ -62,8 +85,8 @@ class _ParamPlan:
                 self.dense = self.dense + part
 
     def norm2(self, dtype: torch.dtype) -> Tensor:
-        if self.dense is not None:
-            return self.dense.flatten(1).to(dtype).pow(2).sum(1)
+        if self.dense is not None:  # reshape, not flatten(1): a 0-dim parameter gives (B,)
+            return self.dense.reshape(self.dense.shape[0], -1).to(dtype).pow(2).sum(1)
         total = 0
         for i, u in enumerate(self.factored):
             total = total + inner(u, u, dtype)
@@ -84,12 +107,24 @@ def _first_tensor(tree: Any) -> Tensor | None:
     return next((t for t in tree_leaves(tree) if isinstance(t, Tensor) and t.dim() > 0), None)
 
 
-def _batchnorm_error(name: str) -> ValueError:
-    return ValueError(
-        f"module {name or '<model>'} is a BatchNorm layer: it mixes samples of a batch, so per-sample "
-        "gradients (and DP-SGD) are undefined. Replace it with GroupNorm (or LayerNorm), e.g. "
-        "opacus.validators.ModuleValidator.fix(model)."
+def _described(name: str, module: nn.Module) -> str:
+    return f"module {name or '<model>'} ({type(module).__name__})"
+
+
+def _batchnorm_error(name: str, module: nn.Module) -> Refusal:
+    return Refusal(
+        f"{_described(name, module)} is a BatchNorm layer: it mixes samples of a batch, so "
+        "per-sample gradients (and DP-SGD) are undefined. Replace it with GroupNorm (or LayerNorm), "
+        "e.g. opacus.validators.ModuleValidator.fix(model)."
     )
+
+
+def _owned(module: nn.Module) -> list[nn.Parameter]:
+    """Parameters a module's call accounts for: its own, and its parametrizations' originals."""
+    own = [p for p in module._parameters.values() if p is not None]
+    if parametrize.is_parametrized(module):
+        own += list(module.parametrizations.parameters())
+    return own
 
 
 class PerSampleClipper:
@@ -97,6 +132,8 @@ class PerSampleClipper:
 
     ``strategy`` picks the norm computation: ``auto`` (cheaper of ghost norm and materialising, per
     layer, by FLOP estimate), or force ``ghost`` / ``materialise`` (for tests and benchmarks).
+    Every module owning parameters is hooked (frozen ones too: unfreezing later is picked up);
+    modules without a fast rule (:data:`trustml.privacy.layers.RULES`) take the generic path.
     """
 
     def __init__(self, model: nn.Module, max_grad_norm: float, *, strategy: Strategy = "auto"):
@@ -107,54 +144,106 @@ class PerSampleClipper:
         self.model = model
         self.max_grad_norm = float(max_grad_norm)
         self.strategy: Strategy = strategy
-        self._names = {id(p): n for n, p in model.named_parameters()}
-        self._params_of: dict[nn.Module, list[nn.Parameter]] = {}
         self._records: list[_Record] = []
         self._batch = 0
         self._recording = True
+        self._open: list[nn.Module] = []  # generic-path calls running: what runs inside is theirs
+        self._entered: set[nn.Module] = set()  # generic-path modules with their pre-hook
+        self._hooked: dict[nn.Module, str] = {}
+        self._rules: dict[nn.Module, tuple[tuple, Rule, list[nn.Parameter]]] = {}
+        self._trainable: list[nn.Parameter] = []
+        self._proven: dict[tuple, list[list[int]]] = {}  # signature -> each output's batch dim
         self._handles = [model.register_forward_pre_hook(self._note_batch, with_kwargs=True)]
-        self._attach(model, "")
+        self._layout_key: tuple | None = None
+        self._attach()
 
-    def _attach(self, module: nn.Module, name: str) -> None:
-        if isinstance(module, _BatchNorm):
-            raise _batchnorm_error(name)
-        rule = rule_for(module)
-        own = [p for p in module.parameters(recurse=False) if p.requires_grad]
-        if own and rule is None:  # no fast rule: torch.func over the whole subtree
-            for sub_name, sub in module.named_modules(prefix=name):
+    # ---- which modules, which rules --------------------------------------------------------
+
+    def _attach(self) -> None:
+        """Hook every not-yet-hooked module owning parameters (each module once, however shared)."""
+        self._rules.clear()  # parameters were added or (un)frozen: re-decide rules and coverage
+        inner = {
+            id(sub)
+            for m in self.model.modules()
+            if parametrize.is_parametrized(m)
+            for sub in m.parametrizations.modules()
+        }
+        for name, module in self.model.named_modules():
+            if isinstance(module, _BatchNorm):
+                raise _batchnorm_error(name, module)
+            if module in self._hooked or id(module) in inner or not _owned(module):
+                continue
+            self._hooked[module] = name
+            self._handles.append(
+                module.register_forward_hook(self._record, with_kwargs=True, prepend=True,
+                                             always_call=True))
+        for module in self._hooked:  # refuse unsupported layers now, not mid-training; and a
+            self._rule(module)  # module turned generic gets its pre-hook before its next call
+        self._layout_key = self._param_key()
+        self._trainable = [p for p in self.model.parameters() if p.requires_grad]
+
+    def _param_key(self) -> tuple:
+        return tuple((id(p), p.requires_grad) for p in self.model.parameters())
+
+    def _name(self, module: nn.Module) -> str:
+        return _described(self._hooked.get(module, ""), module)
+
+    def _rule(self, module: nn.Module) -> Rule:
+        """The module's rule, re-decided when its parameters change (e.g. one added later)."""
+        key = (len(module._parameters), type(module))  # parametrizing changes the class
+        cached = self._rules.get(module)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        try:
+            rule = rule_for(module)
+        except ValueError as err:
+            raise Refusal(f"{self._name(module)}: {err}") from None
+        if rule is None:
+            for sub_name, sub in module.named_modules():
                 if isinstance(sub, _BatchNorm):
-                    raise _batchnorm_error(sub_name)
-            self._hook(module, GenericRule(), [p for p in module.parameters() if p.requires_grad])
-            return
-        if own:
-            self._hook(module, rule, own)
-        for child_name, child in module.named_children():
-            self._attach(child, f"{name}.{child_name}" if name else child_name)
+                    raise _batchnorm_error(f"{self._hooked.get(module, '')}.{sub_name}", sub)
+            rule = GenericRule()
+            if module not in self._entered:  # from the next call on (see _record)
+                self._entered.add(module)
+                self._handles.append(module.register_forward_pre_hook(self._enter))
+        covered = list(module.parameters()) if isinstance(rule, GenericRule) else _owned(module)
+        self._rules[module] = (key, rule, covered)
+        return rule
 
-    def _hook(self, module: nn.Module, rule: Rule, params: list[nn.Parameter]) -> None:
-        self._params_of[module] = params
-
-        def hook(mod: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
-            return self._record(mod, rule, args, kwargs, output)
-
-        self._handles.append(module.register_forward_hook(hook, with_kwargs=True))
+    # ---- forward: record each call ---------------------------------------------------------
 
     def _note_batch(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        first = _first_tensor((args, kwargs))
-        if first is not None and self._recording:
-            self._batch = first.shape[0]
-
-    def _record(self, module: nn.Module, rule: Rule, args: tuple, kwargs: dict, output: Any) -> Any:
-        if not (self._recording and torch.is_grad_enabled()):
-            return None
+        if not self._recording:
+            return
+        self._open.clear()
+        if self._param_key() != self._layout_key:  # a module or parameter added, or unfrozen
+            self._attach()
         first = _first_tensor((args, kwargs))
         if first is not None:
-            self._batch = max(self._batch, first.shape[0])
+            self._batch = first.shape[0]
+
+    def _enter(self, module: nn.Module, args: tuple) -> None:
+        if self._recording and isinstance(self._rule(module), GenericRule):
+            self._open.append(module)
+
+    def _record(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        if not self._recording:
+            return None
+        rule = self._rule(module)
+        if self._open and self._open[-1] is module:
+            self._open.pop()
+        if self._open or not torch.is_grad_enabled():
+            return None  # inside a generic-path call: that call's rule covers this one
+        first = _first_tensor((args, kwargs))
         leaves, spec = tree_flatten(output)
-        expand = self._batch > 1 and any(
-            isinstance(o, Tensor) and o.dim() > 0 and o.shape[0] == 1 for o in leaves
+        expand = (  # only position-wise fast-rule layers on a batch-1 input (GPT-2's positions)
+            self._batch > 1
+            and not isinstance(rule, GenericRule)
+            and first is not None
+            and first.shape[0] == 1
+            and any(isinstance(o, Tensor) and o.dim() > 0 and o.shape[0] == 1 for o in leaves)
         )
-        if expand:  # broadcast layer: give every sample its own output (and output gradient)
+        if expand:  # give every sample its own output (and output gradient); proved by the probe
             leaves = [
                 batched(o, self._batch) if isinstance(o, Tensor) and o.dim() > 0 else o
                 for o in leaves
@@ -165,22 +254,20 @@ class PerSampleClipper:
             saved = rule.save(module, args, kwargs, output)
             edges = [get_gradient_edge(o) for o in outs]
             self._records.append(
-                _Record(module, rule, saved, edges, [(o.shape, o.dtype, o.device) for o in outs])
+                _Record(module, rule, saved, edges, [(o.shape, o.dtype, o.device) for o in outs],
+                        (args, kwargs))
             )
         return output if expand else None
 
-    def _name(self, module: nn.Module) -> str:
-        return (
-            next((n for n, m in self.model.named_modules() if m is module), type(module).__name__)
-            or "<model>"
-        )
+    # ---- backward --------------------------------------------------------------------------
 
     def backward(self, per_sample_losses: Tensor, *, loss_scale: float = 1.0) -> Tensor:
         """Add sum_i c_i grad_i to each trainable parameter's ``.grad``; return the (B,) norms.
 
         Like ``loss.backward()`` this accumulates into ``.grad`` (zero it before a logical batch;
         several physical batches then add up). ``loss_scale`` (fp16) multiplies the backward pass's
-        gradients; norms and the clipped sum are returned unscaled.
+        gradients; norms and the clipped sum are returned unscaled. Raises :class:`Refusal` (a
+        ValueError) when a gradient cannot be made exact, before touching any ``.grad``.
         """
         losses = per_sample_losses
         if losses.dim() != 1:
@@ -194,15 +281,24 @@ class PerSampleClipper:
                 "per_sample_losses does not require grad "
                 "(computed under no_grad, or no trainable parameters?)"
             )
-        used = {id(p) for r in records for p in self._params_of[r.module]}
-        unused = list(
-            {id(p): p for ps in self._params_of.values() for p in ps if id(p) not in used}.values()
-        )
+        trainable = self._trainable  # as of this forward (see _note_batch)
+        used = {id(p) for r in records for p in self._covered(r)}
+        unused = [p for p in trainable if id(p) not in used]
         edges = [e for r in records for e in r.edges]
         if not edges and not unused:
             raise ValueError(
                 "no layer with trainable parameters ran in the forward pass since the last backward"
             )
+        signature = (
+            tuple((id(r.module), tuple(tuple(s == batch for s in o[0]) for o in r.outputs))
+                  for r in records),
+            tuple(id(p) for p in trainable),
+            batch > 1,
+        )
+        dims = self._proven.get(signature)
+        if dims is None:
+            dims = self._probe(losses, records, batch, trainable)
+            self._proven[signature] = dims
         grads = torch.autograd.grad(
             losses,
             edges + unused,
@@ -211,11 +307,11 @@ class PerSampleClipper:
         )
         for p, g in zip(unused, grads[len(edges) :]):
             if g is not None:
-                raise RuntimeError(
-                    f"parameter {self._names.get(id(p), '?')} got a gradient without its module being called "
-                    "(used functionally?); per-sample clipping cannot see that use"
+                raise Refusal(
+                    f"parameter {self._param_name(p)} got a gradient without its module being "
+                    "called (used functionally?); per-sample clipping cannot see that use"
                 )
-        plans = self._plans(records, grads, batch)
+        plans = self._plans(records, grads, batch, dims)
         dtype = torch.float64 if any(p.dtype == torch.float64 for p, _ in plans) else torch.float32
         norm2 = torch.zeros(batch, dtype=dtype, device=losses.device)
         for _, plan in plans:
@@ -230,14 +326,147 @@ class PerSampleClipper:
                 p.grad += g
         return norms
 
+    def _covered(self, record: _Record) -> list[nn.Parameter]:
+        return self._rules[record.module][2]
+
+    def _param_name(self, p: Tensor) -> str:
+        for module, name in self._hooked.items():
+            for pname, q in module.named_parameters(prefix=name, recurse=False):
+                if q is p:
+                    return f"{pname} ({type(module).__name__})"
+        for pname, q in self.model.named_parameters():
+            if q is p:
+                owner = self.model.get_submodule(pname.rpartition(".")[0])
+                return f"{pname} ({type(owner).__name__})"
+        return "<unnamed>"
+
+    def _layout_dims(self, r: _Record, batch: int) -> list[int]:
+        try:
+            return r.rule.out_dims(r.module, r.saved, batch)
+        except Refusal as err:
+            raise Refusal(f"{self._name(r.module)}: {err}") from None
+
+    def _refuse(self, r: _Record, why: str, batch: int) -> Refusal:
+        shapes = [s for s, _, _ in r.outputs] + [
+            x.shape for x in tree_leaves(r.inputs) if isinstance(x, Tensor)
+        ]
+        kind = AmbiguousBatch if batch > 1 and any(batch in s[1:] for s in shapes) else Refusal
+        return kind(f"{self._name(r.module)}: {why}")
+
+    def _check_shape(self, r: _Record, g: Tensor, d: int, batch: int) -> None:
+        if g.dim() > d and g.shape[d] == batch:
+            return
+        if g.dim() > d and g.shape[d] == 1:
+            why = (
+                "its output is computed once and shared by the whole batch (batch dim of size 1, "
+                "e.g. a relative position bias), so its per-sample gradients cannot be separated; "
+                "freeze its parameters (requires_grad_(False)) or compute it per sample"
+            )
+        else:
+            why = (
+                f"its output has shape {tuple(g.shape)}, whose batch dim {d} is not the batch "
+                f"size {batch} of the loss: per-sample clipping needs batch-first layer inputs "
+                "(a sequence-first model? windows or heads folded into the batch dim?)"
+            )
+        raise self._refuse(r, why, batch)
+
+    def _probe(
+        self, losses: Tensor, records: list[_Record], batch: int, trainable: list
+    ) -> list[list[int]]:
+        """Prove this pass's structure once (see the module docstring) or refuse; return the
+        batch dim of every recorded output."""
+        names = {id(p): self._param_name(p) for p in trainable}
+        boxes = [
+            Box(r.edges,
+                [get_gradient_edge(x) for x in tree_leaves(r.inputs)
+                 if isinstance(x, Tensor) and x.requires_grad],
+                {id(p) for p in self._covered(r)}, self._name(r.module))
+            for r in records
+        ]
+        stray = stray_uses(losses, boxes, names)
+        if stray:
+            name, where = stray[0]
+            raise Refusal(
+                f"parameter {name} reaches the loss {where}, not only through its module's calls: "
+                "per-sample clipping would drop that use. Call the module instead of using its "
+                "weight directly (e.g. tie weights to an nn.Linear), or freeze the parameter."
+            )
+        edges = [e for r in records for e in r.edges]
+        parities = []
+        for parity in (0, 1) if batch > 1 and edges else ():
+            keep = torch.arange(batch, device=losses.device) % 2 == parity
+            grads = torch.autograd.grad(losses, edges, keep.to(losses.dtype), retain_graph=True,
+                                        allow_unused=True)
+            parities.append((keep, grads))
+        if batch == 1 and edges:
+            one = torch.ones(1, dtype=torch.bool, device=losses.device)
+            parities.append((one, torch.autograd.grad(
+                losses.sum(), edges, retain_graph=True, allow_unused=True)))
+        live, at = [], 0  # calls whose outputs reach this loss (not a forward left without backward)
+        for r in records:
+            live.append(any(g[i] is not None for _, g in parities
+                            for i in range(at, at + len(r.edges))))
+            at += len(r.edges)
+        self._recording = False
+        try:
+            for r, alive in zip(records, live):
+                why = r.rule.check(r.module, r.saved, batch) if alive and isinstance(
+                    r.rule, GenericRule) else None
+                if why:
+                    raise self._refuse(r, why, batch)
+        except Refusal as err:
+            if err.args[0].startswith("module "):
+                raise
+            raise self._refuse(r, str(err), batch) from None
+        finally:
+            self._recording = True
+        dims, at = [], 0
+        for r, alive in zip(records, live):
+            if not alive:
+                dims.append([0] * len(r.edges))
+                at += len(r.edges)
+                continue
+            generic = isinstance(r.rule, GenericRule)
+            fixed = self._layout_dims(r, batch) if generic else None
+            mine = []
+            for k, (shape, _, _) in enumerate(r.outputs):
+                cands = [fixed[k]] if generic else batch_dims(r.rule, r.module, len(shape))
+                ok = [d for d in cands if len(shape) > d and shape[d] == batch
+                      and all(self._rows_local(g[at + k], d, keep) for keep, g in parities)]
+                if not ok:
+                    if generic and len(shape) > fixed[k] and shape[fixed[k]] == batch:
+                        raise self._refuse(
+                            r, f"rows of its output (dim {fixed[k]}) reach the losses of other "
+                            "samples, so that dim is not the batch (a sequence-first tensor, or "
+                            "an input shared by the batch?)", batch)
+                    self._check_shape(r, torch.empty(shape, device="meta"),
+                                      cands[0] if cands else 0, batch)
+                    raise self._refuse(
+                        r, f"no dim of its output {tuple(shape)} holds one sample per row (a "
+                        "batch-1 output that is not a broadcast over the batch, or samples "
+                        "mixed?)", batch)
+                if len(ok) > 1 and batch > 1:
+                    raise AmbiguousBatch(
+                        f"{self._name(r.module)}: dims {ok} of its output {tuple(shape)} could "
+                        f"each be the batch of size {batch}")
+                mine.append(ok[0])
+            dims.append(mine)
+            at += len(r.edges)
+        return dims
+
+    @staticmethod
+    def _rows_local(g: Tensor | None, d: int, keep: Tensor) -> bool:
+        """The gradient of the kept samples' losses is zero on the other samples' rows."""
+        return g is None or not bool(g.movedim(d, 0)[~keep].ne(0).any())
+
     def _plans(
-        self, records: list[_Record], grads: tuple, batch: int
+        self, records: list[_Record], grads: tuple, batch: int, dims: list[list[int]]
     ) -> list[tuple[nn.Parameter, _ParamPlan]]:
         uses: dict[int, tuple[nn.Parameter, list[Use]]] = {}
         at = 0
         self._recording = False  # the generic path re-runs modules: do not record those calls
         try:
-            for r in records:
+            for r, ds in zip(records, dims):
                 gs = list(grads[at : at + len(r.edges)])
                 at += len(r.edges)
                 if all(g is None for g in gs):
@@ -246,15 +475,16 @@ class PerSampleClipper:
                     torch.zeros(s, dtype=d, device=dev) if g is None else g
                     for g, (s, d, dev) in zip(gs, r.outputs)
                 ]
-                if any(g.dim() == 0 or g.shape[0] != batch for g in gs):
-                    raise ValueError(
-                        f"layer {self._name(r.module)} produced an output of leading dim "
-                        f"{gs[0].shape[0] if gs[0].dim() else 0} for a loss of batch {batch}: per-sample "
-                        "clipping needs batch-first layer inputs (batch-1 inputs broadcast over the batch "
-                        "are fine when the model's first input carries the batch)"
-                    )
-                for p, use in r.rule.uses(r.module, r.saved, gs, batch):
-                    uses.setdefault(id(p), (p, []))[1].append(use)
+                for g, d in zip(gs, ds):
+                    self._check_shape(r, g, d, batch)
+                saved = r.saved
+                if not isinstance(r.rule, GenericRule) and ds[0] != 0:  # sequence-first
+                    gs, saved = [g.movedim(ds[0], 0) for g in gs], saved.movedim(ds[0], 0)
+                try:
+                    for p, use in r.rule.uses(r.module, saved, gs, batch):
+                        uses.setdefault(id(p), (p, []))[1].append(use)
+                except Refusal as err:
+                    raise Refusal(f"{self._name(r.module)}: {err}") from None
         finally:
             self._recording = True
         return [(p, _ParamPlan(u, self.strategy)) for p, u in uses.values()]

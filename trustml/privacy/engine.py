@@ -17,6 +17,7 @@ from trustml.privacy.accounting import PrivacyAccountant, calibrate_noise
 from trustml.privacy.clipping import PerSampleClipper, Strategy
 from trustml.privacy.sampling import PoissonBatches
 from trustml.privacy.step import DPStep
+from trustml.privacy.verify import Verification
 from trustml.training.distributed import World
 
 NOT_POISSON_NOTE = (
@@ -49,6 +50,11 @@ class PrivateTraining:
     @property
     def secure_rng(self) -> bool:
         return self.step.secure_rng
+
+    @property
+    def verification(self) -> Verification | None:
+        """The self-check's result once the first batch has been stepped (None before, or off)."""
+        return self.step.verification
 
     def state_dict(self) -> dict[str, Any]:
         return self.step.state_dict()
@@ -157,6 +163,7 @@ def make_private(
     amp: str = "none",
     strategy: Strategy = "auto",
     world: World = World(),
+    verify: bool = True,
 ) -> PrivateTraining:
     """DP-SGD for ``model``: Poisson batches of expected size ``batch_size`` (a DataLoader's own
     batch size when ``data`` is one), clipping to ``max_grad_norm``, noise ``noise_multiplier`` or
@@ -168,6 +175,10 @@ def make_private(
     ``secure_rng=True`` (the default) draws the noise and the batches from the OS CSPRNG, never
     from ``seed`` and never into a checkpoint (``trustml.privacy.step``); ``secure_rng=False``
     seeds them from ``seed`` for bit-reproducible experiments and tests.
+    ``verify`` self-checks the first real batch against the naive per-sample loop (a float64 copy
+    of the model; see :mod:`trustml.privacy.verify`) and refuses the run on a mismatch; the
+    result is ``.verification``. Modules whose per-sample gradients cannot be made exact are
+    refused here or at the first step, with the module's name and the reason.
     """
     dataset = data.dataset if isinstance(data, DataLoader) else data
     if isinstance(data, DataLoader):
@@ -221,6 +232,7 @@ def make_private(
         amp=amp,
         seed=rng_seed,
         world=world,
+        verify=verify,
     )
     if world.distributed:  # every rank starts from rank 0's weights, as DDP would ensure
         for tensor in [*model.parameters(), *model.buffers()]:

@@ -2,9 +2,16 @@
 
 Given the inputs a module saw and the (per-sample) gradient of its outputs, the per-sample parameter
 gradient is a vector-Jacobian product of the module applied to one sample: ``vmap(grad(...))`` over
-the batch. This re-runs the module's forward once (vectorised) but needs no second backward pass of
-the model. Inputs of batch 1 are treated as broadcast (shared by every sample). The module must be
-deterministic (no dropout in training mode): randomness inside ``vmap`` is refused by torch.
+the batch (a loop over samples where an op has no vmap rule, e.g. the fused RNN kernels). This
+re-runs the module's forward once but needs no second backward pass of the model.
+
+Which dimension of each input and output is the batch is a :class:`Layout`: documented by torch for
+the layers that have a layout flag (``batch_first`` RNNs and MultiheadAttention, where ``h_0`` and
+``c_0`` carry the batch in dim 1), otherwise "dim 0 when its size is the batch, else shared". The
+latter is a hypothesis, never trusted: :meth:`GenericRule.check` replays the module per sample and
+requires the replay to reproduce the recorded output (a (T, T) mask sliced as if T were the batch
+does not), and the clipper proves on its probe that each output row only reaches its own sample's
+loss. The module must be deterministic (dropout in training mode is refused).
 """
 
 from __future__ import annotations
@@ -13,9 +20,20 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
+from torch.nn.utils.rnn import PackedSequence
 from torch.utils._pytree import tree_flatten, tree_leaves, tree_unflatten
+
+
+class Refusal(ValueError):
+    """The engine cannot make this module's per-sample gradients exact (message says why)."""
+
+
+class AmbiguousBatch(Refusal):
+    """The batch dimension of a tensor is not provable for this batch size (a collision of the
+    batch size with another dimension); a batch of another size may be fine."""
 
 
 @dataclass
@@ -23,6 +41,88 @@ class Saved:
     flat: list[Any]  # detached positional and keyword inputs, flattened
     spec: Any
     positions: list[int]  # which leaves of the output were recorded (those requiring grad)
+    outputs: list[Tensor]  # those recorded outputs, detached (for the replay check)
+
+
+@dataclass
+class Layout:
+    inputs: list[int | None]  # batch dim of each flat input leaf; None: shared by all samples
+    outputs: list[int]  # batch dim of each recorded output
+
+
+def _index_tree(saved: Saved) -> tuple[tuple, dict]:
+    """(args, kwargs) with every leaf replaced by its index in ``saved.flat``."""
+    return tree_unflatten(list(range(len(saved.flat))), saved.spec)
+
+
+def _arg(args: tuple, kwargs: dict, pos: int, name: str) -> Any:
+    return args[pos] if len(args) > pos else kwargs.get(name)
+
+
+def _rnn_layout(module: nn.RNNBase, saved: Saved) -> Layout:
+    args, kwargs = _index_tree(saved)
+    first = _arg(args, kwargs, 0, "input")
+    x = saved.flat[first]
+    if isinstance(x, PackedSequence) or not isinstance(x, Tensor):
+        raise Refusal("PackedSequence inputs are not supported: pass a padded batch tensor")
+    if x.dim() != 3:
+        raise Refusal("unbatched (2-D) RNN input: pass a (batch, time, features) tensor")
+    if module.dropout > 0 and module.training and module.num_layers > 1:
+        raise Refusal("dropout between RNN layers is random: set dropout=0 (or use eval mode)")
+    b = 0 if module.batch_first else 1
+    dims: list[int | None] = [None] * len(saved.flat)
+    dims[first] = b
+    for i in tree_leaves(_arg(args, kwargs, 1, "hx")):
+        if isinstance(i, int):
+            dims[i] = 1  # h_0 / c_0: (layers * directions, batch, hidden)
+    # outputs: (output, h_n) or (output, (h_n, c_n)); h_n and c_n have the batch in dim 1
+    return Layout(dims, [b if k == 0 else 1 for k in saved.positions])
+
+
+def _mha_layout(module: nn.MultiheadAttention, saved: Saved) -> Layout:
+    args, kwargs = _index_tree(saved)
+    b = 0 if module.batch_first else 1
+    dims: list[int | None] = [None] * len(saved.flat)
+    for pos, name in enumerate(("query", "key", "value")):
+        i = _arg(args, kwargs, pos, name)
+        if saved.flat[i].dim() != 3:
+            raise Refusal("unbatched (2-D) attention input: pass 3-D query/key/value")
+        dims[i] = b
+    mask = _arg(args, kwargs, 3, "key_padding_mask")
+    if isinstance(mask, int):
+        dims[mask] = 0
+    attn = _arg(args, kwargs, 5, "attn_mask")
+    if isinstance(attn, int) and saved.flat[attn] is not None and saved.flat[attn].dim() == 3:
+        raise Refusal(
+            "a 3-D attn_mask (batch * heads, L, S) interleaves batch and heads: pass a 2-D "
+            "attn_mask and a key_padding_mask instead"
+        )
+    # outputs: (attn_output, attn_weights); the weights are (batch, [heads,] L, S)
+    return Layout(dims, [b if k == 0 else 0 for k in saved.positions])
+
+
+KNOWN_LAYOUTS = {
+    nn.RNN: _rnn_layout,
+    nn.LSTM: _rnn_layout,
+    nn.GRU: _rnn_layout,
+    nn.MultiheadAttention: _mha_layout,
+}
+"""Layers whose batch dimensions torch documents (by exact class: a subclass may move them)."""
+
+
+def layout(module: nn.Module, saved: Saved, batch: int) -> Layout:
+    known = KNOWN_LAYOUTS.get(type(module))
+    if known is not None:
+        return known(module, saved)
+    dims = [
+        0 if isinstance(x, Tensor) and x.dim() > 0 and x.shape[0] == batch else None
+        for x in saved.flat
+    ]
+    return Layout(dims, [0] * len(saved.positions))
+
+
+def _one(x: Any, d: int | None) -> Any:
+    return x.unsqueeze(d) if d is not None else x
 
 
 class GenericRule:
@@ -31,12 +131,75 @@ class GenericRule:
     def save(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Saved:
         flat, spec = tree_flatten((args, kwargs))
         flat = [x.detach() if isinstance(x, Tensor) else x for x in flat]
-        positions = [
-            i
-            for i, o in enumerate(tree_leaves(output))
-            if isinstance(o, Tensor) and o.requires_grad
-        ]
-        return Saved(flat, spec, positions)
+        positions, outputs = [], []
+        for i, o in enumerate(tree_leaves(output)):
+            if isinstance(o, Tensor) and o.requires_grad:
+                positions.append(i)
+                outputs.append(o.detach())
+        return Saved(flat, spec, positions, outputs)
+
+    def out_dims(self, module: nn.Module, saved: Saved, batch: int) -> list[int]:
+        return layout(module, saved, batch).outputs
+
+    @staticmethod
+    def _outputs(module, p, flat, saved: Saved, lay: Layout) -> list[Tensor]:
+        """The module on one sample (inputs with a batch dim of 1), outputs without it."""
+        flat = [_one(x, d) for x, d in zip(flat, lay.inputs)]
+        args, kwargs = tree_unflatten(flat, saved.spec)
+        outs = tree_leaves(functional_call(module, p, args, kwargs))
+        return [outs[k].squeeze(d) for k, d in zip(saved.positions, lay.outputs)]
+
+    def _per_sample(self, fn, params, saved: Saved, lay: Layout, extra=(), extra_dims=(),
+                    out_dims: Any = 0):
+        """vmap ``fn(params, sample inputs, *extra)`` over the batch; a loop where vmap fails."""
+        try:
+            return vmap(fn, in_dims=(None, lay.inputs, *extra_dims), out_dims=out_dims,
+                        randomness="error")(params, saved.flat, *extra)
+        except RuntimeError as err:
+            if "random" in str(err):
+                raise Refusal(
+                    "it draws random numbers in its forward (dropout in training mode?), so "
+                    "its per-sample gradient cannot be replayed: set its dropout to 0"
+                ) from err
+            return self._loop(fn, params, saved, lay, extra, extra_dims)
+
+    @staticmethod
+    def _loop(fn, params, saved: Saved, lay: Layout, extra, extra_dims):
+        batch = next(x.shape[d] for x, d in zip(saved.flat, lay.inputs) if d is not None)
+        results = []
+        for i in range(batch):
+            pick = [x.select(d, i) if d is not None else x for x, d in zip(saved.flat, lay.inputs)]
+            more = [[t.select(d, i) for t, d in zip(e, ds)] for e, ds in zip(extra, extra_dims)]
+            results.append(fn(params, pick, *more))
+        if isinstance(results[0], dict):
+            return {k: torch.stack([r[k] for r in results]) for k in results[0]}
+        return [torch.stack([r[k] for r in results], d) for k, d in enumerate(lay.outputs)]
+
+    def check(self, module: nn.Module, saved: Saved, batch: int) -> str | None:
+        """Replay the module per sample; None if it reproduces the recorded outputs, else why not."""
+        lay = layout(module, saved, batch)
+        if all(d is None for d in lay.inputs):
+            if batch == 1:
+                return None  # one sample: its gradient is the whole gradient
+            return "none of its inputs carries the batch (a broadcast call: its output is shared)"
+        params = {n: p.detach() for n, p in module.named_parameters()}
+
+        def replay(p, flat):
+            return tuple(self._outputs(module, p, flat, saved, lay))
+
+        with torch.no_grad():
+            outs = self._per_sample(replay, params, saved, lay, out_dims=tuple(lay.outputs))
+        for got, want in zip(outs, saved.outputs):
+            scale = want.abs().max().item() if want.numel() else 0.0
+            if got.shape != want.shape or not torch.allclose(
+                got.to(want.dtype), want, rtol=1e-4, atol=1e-6 * max(scale, 1e-30)
+            ):
+                return (
+                    "replaying it one sample at a time does not reproduce its output, so some "
+                    "input's batch dimension is not the one assumed (e.g. a (T, T) mask when "
+                    f"T == batch size {batch}, or a sequence-first tensor)"
+                )
+        return None
 
     def uses(
         self, module: nn.Module, saved: Saved, grads: list[Tensor], batch: int
@@ -44,20 +207,27 @@ class GenericRule:
         params = {n: p for n, p in module.named_parameters() if p.requires_grad}
         if not params:
             return
-        dims = [
-            0 if isinstance(x, Tensor) and x.dim() > 0 and x.shape[0] == batch else None
-            for x in saved.flat
-        ]
+        lay = layout(module, saved, batch)
+        frozen = {n: p.detach() for n, p in module.named_parameters() if not p.requires_grad}
 
         def sample_loss(p: dict[str, Tensor], flat: list[Any], gs: list[Tensor]) -> Tensor:
-            flat = [x.unsqueeze(0) if d == 0 else x for x, d in zip(flat, dims)]
-            args, kwargs = tree_unflatten(flat, saved.spec)
-            outs = tree_leaves(functional_call(module, p, args, kwargs))
-            return sum((outs[k] * g.unsqueeze(0)).sum() for k, g in zip(saved.positions, gs))
+            outs = self._outputs(module, {**frozen, **p}, flat, saved, lay)
+            return sum((o * g).sum() for o, g in zip(outs, gs))
 
         detached = {n: p.detach() for n, p in params.items()}
-        per_sample = vmap(grad(sample_loss), in_dims=(None, dims, 0), randomness="error")(
-            detached, saved.flat, grads
+        if all(d is None for d in lay.inputs):  # one sample (else refused by check)
+
+            def whole_loss(p: dict[str, Tensor]) -> Tensor:
+                args, kwargs = tree_unflatten(saved.flat, saved.spec)
+                outs = tree_leaves(functional_call(module, {**frozen, **p}, args, kwargs))
+                return sum((outs[k] * g).sum() for k, g in zip(saved.positions, grads))
+
+            whole = grad(whole_loss)(detached)
+            for name, p in params.items():
+                yield p, whole[name].unsqueeze(0)
+            return
+        per_sample = self._per_sample(
+            grad(sample_loss), detached, saved, lay, (grads,), (lay.outputs,)
         )
         for name, p in params.items():
             yield p, per_sample[name]

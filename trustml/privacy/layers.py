@@ -137,6 +137,16 @@ class Rule(Protocol):
     ) -> Iterator[tuple[nn.Parameter, Use]]: ...
 
 
+def batch_dims(rule: Rule, module: nn.Module, ndim: int) -> range:
+    """Dims of a rule's output that may be the batch: any leading dim of a position-wise layer
+    (a sequence-first (T, B, d) Linear is fine once the probe has proved which one), else dim 0."""
+    if isinstance(rule, (LinearRule, Conv1DRule, EmbeddingRule)):
+        return range(ndim - 1)
+    if isinstance(rule, LayerNormRule):
+        return range(ndim - len(module.normalized_shape))
+    return range(min(ndim, 1))
+
+
 def _trainable(p: nn.Parameter | None) -> bool:
     return p is not None and p.requires_grad
 
@@ -205,21 +215,122 @@ class GroupNormRule(FirstInput):
             yield module.bias, g.reshape(batch, module.num_channels, -1).sum(-1)
 
 
-def rule_for(module: nn.Module) -> Rule | None:
-    """The fast exact rule for ``module``'s own parameters, or None (generic path or refusal)."""
-    if isinstance(module, nn.Embedding):
-        if module.scale_grad_by_freq or module.sparse:
-            raise ValueError(
-                f"{type(module).__name__}: scale_grad_by_freq/sparse embeddings are not supported by "
-                "per-sample clipping; construct the embedding without them"
+class EmbeddingBagRule:
+    """``nn.EmbeddingBag`` (sum / mean): bag i's gradient is sum_l w_il onehot(id_il)^T g_i.
+
+    Bags given by ``offsets`` over a 1-D input are laid out as a padded (B, L_max) id matrix whose
+    padding positions carry a zero weight, so they add nothing to the gradient or its norm.
+    """
+
+    def save(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        names = ("input", "offsets", "per_sample_weights")
+        given = dict(zip(names, args)) | kwargs
+        return tuple(
+            given[n].detach() if isinstance(given.get(n), Tensor) else None for n in names
+        )
+
+    def uses(self, module, saved, grads, batch):
+        if not _trainable(module.weight):
+            return
+        ids, offsets, weights = saved
+        g = grads[0]
+        if ids.dim() == 2:
+            if weights is None:
+                weights = torch.ones(ids.shape, dtype=g.dtype, device=g.device)
+            mask = torch.ones_like(ids, dtype=torch.bool)
+        else:
+            ends = offsets[1:] if module.include_last_offset else torch.cat(
+                [offsets[1:], offsets.new_tensor([ids.numel()])]
             )
-        return EmbeddingRule()
-    if isinstance(module, nn.Linear):
-        return LinearRule()
-    if Conv1D is not None and isinstance(module, Conv1D):
-        return Conv1DRule()
-    if isinstance(module, nn.LayerNorm):
-        return LayerNormRule()
-    if isinstance(module, nn.GroupNorm):
-        return GroupNormRule()
+            starts = offsets[: len(ends)]
+            width = int((ends - starts).max()) if len(ends) else 0
+            pos = starts.unsqueeze(1) + torch.arange(width, device=ids.device)
+            mask = pos < ends.unsqueeze(1)
+            pos = pos.clamp(max=max(ids.numel() - 1, 0))
+            weights = (torch.ones_like(ids, dtype=g.dtype) if weights is None else weights)[pos]
+            ids = ids[pos]
+        if module.padding_idx is not None:
+            mask = mask & (ids != module.padding_idx)
+        weights = weights.to(g.dtype) * mask.to(g.dtype)
+        if module.mode == "mean":
+            weights = weights / mask.sum(1, keepdim=True).clamp(min=1).to(g.dtype)
+        yield module.weight, Factored(ids, weights.unsqueeze(-1) * g.unsqueeze(1), module.num_embeddings)
+
+
+RULES: dict[type, Rule] = {
+    nn.Linear: LinearRule(),
+    nn.Embedding: EmbeddingRule(),
+    nn.EmbeddingBag: EmbeddingBagRule(),
+    nn.LayerNorm: LayerNormRule(),
+    nn.GroupNorm: GroupNormRule(),
+}
+"""Fast rules by EXACT class. A subclass inherits its base's rule only if :func:`plain_subclass`
+holds; other layers (and their conv rules) register here."""
+if Conv1D is not None:
+    RULES[Conv1D] = Conv1DRule()
+
+# What a subclass may define and still be the base layer's computation: construction, printing,
+# initialisation. Anything else that is callable or a descriptor (forward, __call__, __getattr__,
+# a ``weight`` property as torch's parametrizations install) could change what forward computes.
+_HARMLESS = {
+    "__init__", "__module__", "__qualname__", "__doc__", "__annotations__", "__dict__",
+    "__weakref__", "__firstlineno__", "__static_attributes__", "__orig_bases__", "__parameters__",
+    "extra_repr", "reset_parameters", "_reset_parameters", "_init_weights", "_fill_padding_idx_with_zero",
+}
+_OWN_PARAMS = {
+    nn.Linear: {"weight", "bias"},
+    nn.Embedding: {"weight"},
+    nn.EmbeddingBag: {"weight"},
+    nn.LayerNorm: {"weight", "bias"},
+    nn.GroupNorm: {"weight", "bias"},
+}
+
+
+def plain_subclass(module: nn.Module, base: type) -> str | None:
+    """None if ``module`` computes exactly what ``base`` computes; else why not. Also for an
+    instance of ``base`` itself: legacy ``weight_norm`` replaces a Linear's ``weight`` Parameter
+    by ``weight_g`` / ``weight_v`` on the instance, and ``forward`` can be replaced there."""
+    for cls in type(module).__mro__:
+        if cls is base:
+            break
+        for name, value in vars(cls).items():
+            if name in _HARMLESS:
+                continue
+            if callable(value) or hasattr(value, "__get__"):
+                return f"{cls.__name__} overrides {name}"
+    if "forward" in vars(module):
+        return "its forward was replaced on the instance"
+    extra = set(module._parameters) - _OWN_PARAMS.get(base, {"weight", "bias"})
+    if extra:
+        return f"it has extra parameters {sorted(extra)}"
     return None
+
+
+def rule_for(module: nn.Module) -> Rule | None:
+    """The fast exact rule for ``module``'s own parameters, or None (generic path or refusal).
+
+    Chosen by exact class; a subclass gets its base's rule only when it provably computes the same
+    (:func:`plain_subclass`). Raises ValueError for layer options no rule can make exact.
+    """
+    base = next((c for c in type(module).__mro__ if c in RULES), None)
+    if base is None:
+        return None
+    if plain_subclass(module, base) is not None:
+        return None
+    if isinstance(module, (nn.Embedding, nn.EmbeddingBag)) and (
+        module.scale_grad_by_freq or module.sparse
+    ):
+        raise ValueError(
+            "scale_grad_by_freq/sparse embeddings are not supported by per-sample clipping "
+            "(the gradient scale depends on the whole batch); construct the embedding without them"
+        )
+    if isinstance(module, nn.Embedding) and module.max_norm is not None:
+        raise ValueError(
+            "max_norm renormalises the embedding rows in place during forward; per-sample "
+            "clipping needs a pure function of the weights: construct it with max_norm=None"
+        )
+    if isinstance(module, nn.EmbeddingBag) and module.mode == "max":
+        raise ValueError(
+            "EmbeddingBag(mode='max') is not supported: use mode='sum' or 'mean'"
+        )
+    return RULES[base]

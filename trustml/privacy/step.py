@@ -4,6 +4,12 @@ One logical (Poisson-sampled) batch -> physical batches through the clipper (cli
 -> one Gaussian noise draw N(0, sigma^2 C^2) per coordinate -> division by the EXPECTED batch size
 (dividing by the realised size would leak it) -> optimizer step -> one accountant step.
 
+The noised set is re-read from the optimizer at every step (a parameter unfrozen later is clipped
+and noised from that step on; one frozen later is left alone). The first batch is self-checked
+against the naive per-sample loop (:mod:`trustml.privacy.verify`). A physical batch whose size
+collides with another dimension so that its batch role cannot be proved (:class:`AmbiguousBatch`)
+is split into two parts of unequal size and retried: the clipped sum of the union is the same.
+
 Where the noise comes from (``seed``):
 - ``None`` (secure, the default of ``make_private``): every step draws its noise from a new
   generator seeded with 64 fresh bits of the OS CSPRNG (``secrets``, i.e. ``getrandom``). The seed
@@ -28,6 +34,8 @@ from torch import nn
 
 from trustml.privacy.accounting import PrivacyAccountant
 from trustml.privacy.clipping import PerSampleClipper
+from trustml.privacy.generic import AmbiguousBatch
+from trustml.privacy.verify import Verification, verify
 from trustml.training.distributed import World, all_reduce_sum
 from trustml.training.step import autocast
 
@@ -68,6 +76,7 @@ class DPStep:
         amp: str = "none",
         seed: int | None = None,
         world: World = World(),
+        verify: bool = True,
     ):
         if amp not in AMP:
             raise ValueError(f"amp must be one of {AMP}, got {amp!r}")
@@ -84,12 +93,19 @@ class DPStep:
             epsilon_budget,
             amp,
         )
-        self.params = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
+        self.params = self._trainable()
+        if not self.params:
+            raise ValueError("the optimizer holds no parameter that requires grad")
         device = self.params[0].device
         self.secure_rng = seed is None
         self.generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
         self.loss_scale = 2.0**16 if amp == "fp16" else 1.0
         self.world = world
+        self.verify = verify
+        self.verification: Verification | None = None
+
+    def _trainable(self) -> list[torch.nn.Parameter]:
+        return [p for g in self.optimizer.param_groups for p in g["params"] if p.requires_grad]
 
     def exhausted(self) -> str | None:
         if self.epsilon_budget is None:
@@ -108,14 +124,14 @@ class DPStep:
         if model is not self.clipper.model:
             raise ValueError("DPStep.step got a different model from the one made private")
         self.optimizer.zero_grad(set_to_none=True)
+        self.params = self._trainable()  # what this step's optimizer.step() can update
         device = self.params[0].device
         n = batch_size(batch)
+        if self.verify and self.verification is None and n:
+            self.verification = verify(model, objective, batch, self.clipper)
         loss_sum, norms = 0.0, []
         for part in split(batch, self.physical_batch_size) if n else []:
-            with autocast(device, self.amp):
-                losses = objective(model, part).losses
-            loss_sum += losses.detach().float().sum().item()
-            norms.append(self.clipper.backward(losses.float(), loss_scale=self.loss_scale))
+            loss_sum += self._clip(model, objective, part, norms)
         norms = torch.cat(norms) if norms else torch.zeros(0, device=device)
         overflow = not bool(torch.isfinite(norms).all())
         if self.world.distributed:
@@ -132,6 +148,23 @@ class DPStep:
             "clipped_fraction": clipped,
             "grad_norm_median": norms.median().item() if n else 0.0,
         }
+
+    def _clip(self, model: nn.Module, objective: Any, part: dict, norms: list) -> float:
+        """Clip one physical batch (split unequally and retried if its batch role is ambiguous)."""
+        try:
+            with autocast(self.params[0].device, self.amp):
+                losses = objective(model, part).losses
+            norms.append(self.clipper.backward(losses.float(), loss_scale=self.loss_scale))
+            return losses.detach().float().sum().item()
+        except AmbiguousBatch:
+            n = batch_size(part)
+            if n < 3:  # no two unequal non-empty parts: a real refusal
+                raise
+            cut = n // 2 + 1  # n = 4 -> 3 + 1, n = 5 -> 3 + 2: both parts differ from n
+            return sum(
+                self._clip(model, objective, {k: v[s] for k, v in part.items()}, norms)
+                for s in (slice(0, cut), slice(cut, n))
+            )
 
     def _sum_over_ranks(self, loss_sum: float, n: int, overflow: bool) -> tuple[float, int, bool]:
         """The logical batch's totals over all ranks (data parallelism)."""

@@ -1,0 +1,66 @@
+"""One-time costs of the DP engine's checks, as multiples of one (warm) DP step.
+
+* probe: the first backward of a new pass signature (graph walk for stray parameter uses, two
+  backward passes proving each layer's batch rows, per-sample replay of generic-path calls);
+* self-check (``verify=True``): the first batch's float64 naive per-sample loop on 4 samples.
+
+Both run once per run (the probe again only when the pass's signature changes), never per step.
+
+    python benchmarks/dp_checks.py --repeats 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from dp_step import CASES, Batch, lm_objective, make_batch, mlp_objective  # noqa: E402
+from trustml.privacy import make_private  # noqa: E402
+
+
+def first_and_warm(factory, kind, batch, verify: bool, repeats: int) -> tuple[float, float]:
+    torch.manual_seed(0)
+    model = factory()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-4)
+    size = len(next(iter(batch.values())))
+    dp = make_private(model, opt, Batch(batch), noise_multiplier=1.0, target_delta=1e-5, epochs=1,
+                      max_grad_norm=1.0, batch_size=size, verify=verify)
+    objective = lm_objective() if kind == "lm" else mlp_objective
+    t0 = time.perf_counter()
+    dp.step.step(model, objective, batch)
+    first = time.perf_counter() - t0
+    warm = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        dp.step.step(model, objective, batch)
+        warm.append(time.perf_counter() - t0)
+    return first, statistics.median(warm)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cases", default="a,b")
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    print("| case | warm step ms | first step extra: probe (x step) "
+          "| probe + self-check (x step) |")
+    print("| --- | ---: | ---: | ---: |")
+    for key in args.cases.split(","):
+        title, factory, kind, size, seq = CASES[key]
+        batch = make_batch(kind, size, seq, torch.device("cpu"))
+        probe_first, warm = first_and_warm(factory, kind, batch, False, args.repeats)
+        both_first, warm2 = first_and_warm(factory, kind, batch, True, args.repeats)
+        step = statistics.median([warm, warm2])
+        print(f"| {title} | {step * 1e3:.1f} | {(probe_first - step) / step:.2f} "
+              f"| {(both_first - step) / step:.2f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,60 @@
+"""Find parameter uses that per-sample clipping cannot see, by walking the autograd graph once.
+
+Every recorded layer call is a *box*: the clipper's rule for it accounts for the gradient that flows
+into the parameters it owns through that call, and nothing else. Walking back from the loss, a box
+is entered at its output edges and left at its input edges; a trainable parameter reached outside
+every box (``h @ emb.weight.T`` beside ``emb(ids)``), or inside a box that does not own it (a tensor
+computed elsewhere and read from an attribute), is a use whose per-sample gradient would be
+silently dropped. This is exact by construction: it reads the graph autograd will differentiate.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import Tensor
+from torch.autograd.graph import GradientEdge
+
+
+@dataclass
+class Box:
+    outputs: list[GradientEdge]
+    inputs: list[GradientEdge]
+    owned: set[int]  # ids of the parameters the box's rule accounts for
+    name: str  # "qualified.name (Class)"
+
+
+def _key(edge: GradientEdge) -> tuple:
+    return (edge.node, edge.output_nr)
+
+
+def stray_uses(loss: Tensor, boxes: list[Box], trainable: dict[int, str]) -> list[tuple[str, str]]:
+    """(parameter name, where) for each trainable parameter the loss reaches outside its boxes."""
+    out_of: dict[tuple, int] = {}
+    ins = [{_key(e) for e in b.inputs} for b in boxes]
+    for i, b in enumerate(boxes):
+        for e in b.outputs:
+            if _key(e) not in ins[i]:  # a module returning its own input is not a box there
+                out_of[_key(e)] = i
+    found: dict[int, tuple[str, str]] = {}
+    seen: set[tuple] = set()
+    stack: list[tuple[object, int, int | None]] = [(loss.grad_fn, 0, None)]
+    while stack:
+        node, nr, box = stack.pop()
+        if box is not None and (node, nr) in ins[box]:
+            box = None  # left the box through one of its inputs
+        box = out_of.get((node, nr), box)
+        if (node, box) in seen:
+            continue
+        seen.add((node, box))
+        var = getattr(node, "variable", None)  # AccumulateGrad: a leaf
+        if var is not None:
+            pid = id(var)
+            if pid in trainable and (box is None or pid not in boxes[box].owned):
+                where = "outside any module call" if box is None else f"inside {boxes[box].name}"
+                found.setdefault(pid, (trainable[pid], where))
+            continue
+        for child, child_nr in node.next_functions:
+            if child is not None:
+                stack.append((child, child_nr, box))
+    return list(found.values())
