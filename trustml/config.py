@@ -25,6 +25,9 @@ class Section(BaseModel):
 class RunConfig(Section):
     name: str = Field("run", description="run name; the run directory is <output_dir>/<name>-<time>")
     seed: int = Field(0, description="seeds torch, numpy, python and every sampler")
+    seeds: list[int] | None = Field(
+        None, description="drivers that report a spread over seeds (fair_transfer) run once per "
+        "seed (null: run.seed alone)")
     output_dir: str = Field("runs", description="parent folder of run directories")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when available")
     checkpoint_every: int = Field(1, ge=1, description="epochs between checkpoints")

@@ -127,3 +127,56 @@ def test_constrained_run_meets_target_on_validation_and_reports_test_interval(tm
     assert lo <= summary["test_gap"] <= hi
     saved = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert saved["fairness_target"] == 0.05
+
+
+def test_fairlearn_baselines_at_targets_and_prefit_mlp():
+    pytest.importorskip("fairlearn")
+    from trustml.fairness.baselines import fairlearn_predictions
+    from trustml.fairness.frontier import point_metrics
+
+    rng = np.random.default_rng(0)
+    n = 1500
+    s = rng.integers(0, 2, n)
+    x = np.c_[rng.normal(size=(n, 3)), rng.normal(s, 1.0)]  # the last feature leaks the group
+    y = (x[:, 0] + 0.8 * s + rng.normal(0, 0.5, n) > 0.5).astype(int)
+    train, test = (x[:1000], y[:1000], s[:1000]), (x[1000:], y[1000:], s[1000:])
+
+    def mlp(features):
+        return 1 / (1 + np.exp(-3 * (features[:, 0] + 0.8 * features[:, 3] - 0.5)))
+
+    rows = fairlearn_predictions(train, test, [0.02], "dp", seed=0, mlp=mlp,
+                                 reductions_on=("LogReg",))
+    methods = {r["method"] for r in rows}
+    assert {"Fairlearn ThresholdOptimizer + MLP", "Fairlearn ExpGrad + LogReg",
+            "Fairlearn ThresholdOptimizer + HistGB", "LogReg (unconstrained)"} <= methods
+    assert "Fairlearn ExpGrad + MLP" not in methods  # a prefit model cannot be refitted
+    gaps = {r["method"]: point_metrics(test[1], r["pred"], test[2], "dp")["gap"] for r in rows}
+    assert gaps["Fairlearn ThresholdOptimizer + MLP"] < gaps["MLP (unconstrained)"]
+
+
+def test_frontier_aggregates_seeds_and_resumes(tmp_path, monkeypatch):
+    from trustml.fairness import frontier
+
+    calls = []
+
+    def fake_points(config, seed, targets, penalties, run_dir, progress):
+        calls.append(seed)
+        rows = [{"method": "MLP (unconstrained)", "target": None, "seed": seed, "accuracy": 0.85,
+                 "gap": 0.2, "selection_rate": 0.2, "constant": False}]
+        rows += [{"method": "trustml mmd (target)", "target": t, "seed": seed,
+                  "accuracy": 0.8 + seed / 100, "gap": t - 0.01 + 0.015 * seed, "selection_rate": 0.2,
+                  "constant": False} for t in targets]
+        return rows, None
+
+    monkeypatch.setattr(frontier, "_trustml_points", fake_points)
+    cfg = cfgmod.load("configs/adult_fair_mmd.yaml")
+    result = frontier.run_frontier(cfg, [0.02, 0.05], [0, 1], ["mmd"], tmp_path, references=False,
+                                   progress=False)
+    row = next(a for a in result["summary"] if a["target"] == 0.02)
+    assert row["accuracy"] == pytest.approx(0.805) and row["met"] == 1 and row["seeds"] == 2
+    assert row["accuracy_sd"] == pytest.approx(np.std([0.80, 0.81], ddof=1))
+    report = (tmp_path / "report.md").read_text()
+    assert "0.805 ± 0.007" in report and (tmp_path / "frontier.png").is_file()
+    frontier.run_frontier(cfg, [0.02, 0.05], [0, 1], ["mmd"], tmp_path, references=False,
+                          progress=False)
+    assert calls == [0, 1]  # the second call resumed from points/
