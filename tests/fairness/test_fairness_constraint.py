@@ -180,3 +180,13 @@ def test_frontier_aggregates_seeds_and_resumes(tmp_path, monkeypatch):
     frontier.run_frontier(cfg, [0.02, 0.05], [0, 1], ["mmd"], tmp_path, references=False,
                           progress=False)
     assert calls == [0, 1]  # the second call resumed from points/
+
+
+def test_with_penalty_none_drops_the_target():
+    from trustml.fairness.penalty import with_penalty
+
+    cfg = cfgmod.load("configs/adult_fair_target.yaml")
+    assert cfg.fairness.target == 0.02
+    plain = with_penalty(cfg, "none", 0.0)
+    assert plain.fairness.target is None and plain.fairness.penalty == "none"
+    assert with_penalty(cfg, "sinkhorn", 1.0).fairness.target == 0.02
