@@ -28,6 +28,9 @@ class RunConfig(Section):
     name: str = Field("run", description="run name; the run directory is <output_dir>/<name>-<time>")
     seed: int = Field(0, ge=0, lt=2**32, description="seeds torch, numpy, python and every sampler "
                       "(0 <= seed < 2**32, the range numpy and scikit-learn accept)")
+    seeds: list[int] | None = Field(
+        None, description="drivers that report a spread over seeds (fair_transfer) run once per "
+        "seed (null: run.seed alone)")
     output_dir: str = Field("runs", description="parent folder of run directories")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when available")
     checkpoint_every: int = Field(1, ge=1, description="epochs between checkpoints")
@@ -50,6 +53,9 @@ class DataConfig(Section):
                              "or hf:<hub dataset>")
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="validation share of train")
     subset: int | None = Field(None, ge=1, description="use only the first N training rows")
+    exclude_sensitive: bool = Field(
+        False, description="drop the sensitive column from the features, so the model cannot use "
+        "it at prediction (fairness configs set it)")
     # language data
     tokenizer: str = Field("gpt2", description="gpt2 (offline BPE), a local folder or hub name")
     seq_len: int = Field(64, ge=2, description="tokens per language-model sample")
@@ -156,11 +162,18 @@ class FairnessConfig(Section):
                            description="Sinkhorn eps-scaling ratio (nearer 1: more iterations)")
     balanced_batches: bool = Field(
         True, description="stratify batches by group (and label for eo) when a penalty is on")
+    target: float | None = Field(
+        None, gt=0, lt=1, description="gap to reach on validation (DPD for dp, EOD for eo): the "
+        "multiplier is adapted by dual ascent, starting from weight (null: fixed weight)")
+    update_every: int = Field(10, ge=1, description="steps between dual updates (with target)")
+    dual_lr: float = Field(0.5, gt=0, description="dual ascent step on log(lambda) (with target)")
 
     @model_validator(mode="after")
     def _frequencies_need_mmd(self) -> "FairnessConfig":
         if self.frequencies is not None and self.penalty != "mmd":
             raise ValueError(f"frequencies is an MMD setting; penalty is {self.penalty!r}")
+        if self.target is not None and self.penalty == "none":
+            raise ValueError("target needs a penalty to adapt (penalty: mmd or sinkhorn)")
         return self
 
 

@@ -166,6 +166,17 @@ def _plain_batches(config: Config, parts: Parts, world: distributed.World):
                            world=world)
 
 
+def _constrained(config: Config, step: PlainStep, parts: Parts):
+    """The plain step with its fairness multiplier steered to ``fairness.target`` on validation."""
+    from trustml.fairness.constraint import ConstrainedStep
+
+    if parts.data is None:
+        raise ConfigError("fairness.target: needs a tabular dataset with a sensitive attribute")
+    f = config.fairness
+    return ConstrainedStep(step, step.penalties[0], parts.data.val, target=f.target,
+                           notion=f.notion, update_every=f.update_every, dual_lr=f.dual_lr)
+
+
 def run_training(config: Config, run_dir: str | Path | None = None, resume: bool = False,
                  progress: bool = True) -> TrainResult:
     """Train ``config`` into ``run_dir`` (a new ``runs/<name>-<time>`` when None)."""
@@ -224,6 +235,9 @@ def run_training(config: Config, run_dir: str | Path | None = None, resume: bool
                              accumulate=config.train.grad_accum, clip=config.train.grad_clip)
         except ValueError as err:
             raise ConfigError(f"train.grad_accum: {err}") from None
+        if config.fairness.target is not None:
+            step = _constrained(config, step, parts)
+            state["fairness"] = step
         batches = _plain_batches(config, parts, world)
         if world.distributed:
             from torch.nn.parallel import DistributedDataParallel
@@ -269,9 +283,13 @@ def run_training(config: Config, run_dir: str | Path | None = None, resume: bool
                   eval_every_steps=config.train.eval_every_steps)
     final = summary["partial_epoch"] or (summary["history"][-1] if summary["history"] else {})
     summary.update({k: v for k, v in final.items() if k.startswith(("val_", "epsilon"))})
+    if "fairness" in state:
+        summary.update(state["fairness"].finish(model))
     if parts.data is not None:
         scores = predict_scores(model, parts.data.test.x, device)
         summary["test_accuracy"] = float(((scores >= 0.5) == parts.data.test.y.numpy()).mean())
+        if "fairness" in state:
+            summary.update(state["fairness"].test_report(scores, parts.data.test))
     if privacy is not None:
         summary.update({"epsilon": privacy.accountant.epsilon(config.privacy.delta),
                         "delta": config.privacy.delta,

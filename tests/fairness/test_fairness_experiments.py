@@ -25,12 +25,22 @@ def _config(tmp_path, *extra):
 
 def test_transfer_driver(tmp_path):
     cfg = _config(
-        tmp_path, "fairness.penalty=mmd", "fairness.weight=1", "run.experiment=fair_transfer"
+        tmp_path, "fairness.penalty=mmd", "fairness.weight=1", "run.experiment=fair_transfer",
+        "run.seeds=[3,4]",
     )
     summary = experiments.transfer(cfg, tmp_path / "transfer")
-    assert 0 <= summary["transfer_dp_fair"] <= 1 and 0 <= summary["transfer_dp_plain"] <= 1
+    assert summary["seeds"] == [3, 4] and sorted(summary["per_seed"]) == ["3", "4"]
+    dp = [summary["per_seed"][k]["fair"]["hours_test"]["demographic_parity_difference"]
+          for k in ("3", "4")]
+    assert summary["transfer_dp_fair"] == pytest.approx(sum(dp) / 2)
+    for seed in ("3", "4"):
+        for enc in ("fair", "plain"):
+            r = summary["per_seed"][seed][enc]
+            lo, hi = r["hours_dp_ci95"]
+            assert lo <= r["hours_test"]["demographic_parity_difference"] <= hi
+    assert 0 <= summary["transfer_fair_lower_on_seeds"] <= 2
     assert summary["transfer_accuracy_plain"] > 0.5
-    assert "hours-per-week > 40" in (tmp_path / "transfer" / "report.md").read_text()
+    assert "lower on" in (tmp_path / "transfer" / "report.md").read_text()
     with pytest.raises(cfgmod.ConfigError, match="fairness.penalty"):
         experiments.transfer(_config(tmp_path), tmp_path / "bad")
 

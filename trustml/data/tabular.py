@@ -330,7 +330,8 @@ def load_tabular(cfg: DataConfig, seed: int = 0) -> TabularData:
 
     label_col, to_label = TARGETS[cfg.dataset][target]
     label_i = columns.index(label_col)
-    feature_cols = [c for c in columns if c not in {"income", "credit", label_col}]
+    excluded = {"income", "credit", label_col} | ({sens_col} if cfg.exclude_sensitive else set())
+    feature_cols = [c for c in columns if c not in excluded]
     feature_i = [columns.index(c) for c in feature_cols]
     raw_numeric = [c for c in columns if c in numeric]
 

@@ -69,34 +69,27 @@ def _encode(model, x: np.ndarray) -> np.ndarray:
         ).numpy()
 
 
-def transfer(config: Config, run_dir: Path) -> dict[str, Any]:
-    """Train penalised and unpenalised income encoders, freeze them, fit a hours>40 head on each.
-
-    The encoders see all features; for the second task the hours-per-week input is masked to its
-    training mean (standardised 0, about 40 h) so its label cannot leak. The head is a logistic
-    regression on the frozen representation; the report compares the second task's demographic
-    parity difference (and accuracy) between the two encoders.
-    """
+def _transfer_seed(config: Config, seed: int, run_dir: Path) -> dict[str, Any]:
+    """One seed of the transfer experiment: both encoders, their income and hours>40 reports."""
     from trustml.evaluation.tabular import predict_scores
+    from trustml.fairness.bootstrap import bootstrap_interval
     from trustml.fairness.linear import fit_linear
+    from trustml.fairness.metrics import demographic_parity_difference
     from trustml.runner import run_training
 
-    if config.fairness.penalty == "none":
-        raise ConfigError(
-            "fair_transfer: set fairness.penalty (mmd or sinkhorn) for the fair encoder"
-        )
-    run_dir = Path(run_dir)
+    config = config.model_copy(deep=True)
+    config.run.seed = seed
     data = _load(config)
     if config.data.target != "income" or HOURS not in data.feature_names:
         raise ConfigError(
             "fair_transfer: expects data.target=income (the second task is hours-per-week > 40)"
         )
-    plain = with_penalty(config, "none", 0.0)
     splits = {name: getattr(data, name) for name in ("train", "val", "test")}
     labels = {n: (split.raw[HOURS] > 40).astype(np.int64) for n, split in splits.items()}
+    s_test = splits["test"].s.numpy()
     results: dict[str, Any] = {}
-    for name, cfg in (("fair", config), ("plain", plain)):
-        trained = run_training(cfg, run_dir / f"encoder_{name}", progress=False)
+    for name, cfg in (("fair", config), ("plain", with_penalty(config, "none", 0.0))):
+        trained = run_training(cfg, run_dir / f"encoder_{name}_seed{seed}", progress=False)
         z = {
             n: _encode(trained.model, _masked(split.x, data.feature_names, HOURS))
             for n, split in splits.items()
@@ -104,61 +97,89 @@ def transfer(config: Config, run_dir: Path) -> dict[str, Any]:
         mean, std = z["train"].mean(0), z["train"].std(0) + 1e-6
         head = fit_linear((z["train"] - mean) / std, labels["train"], "logistic", c=1.0)
         scores = head.predict_scores((z["test"] - mean) / std)
-        second = classification_report(
-            labels["test"], scores, splits["test"].s.numpy(), group_names=data.group_names
-        )
+        second = classification_report(labels["test"], scores, s_test, group_names=data.group_names)
         income = classification_report(
-            splits["test"].y.numpy(),
-            predict_scores(trained.model, splits["test"]),
-            splits["test"].s.numpy(),
+            splits["test"].y.numpy(), predict_scores(trained.model, splits["test"]), s_test,
             group_names=data.group_names,
         )
+        pred = (scores >= 0.5).astype(np.int64)
         results[name] = {
             "income_test": {k: v for k, v in income.items() if k != "groups"},
             "hours_test": {k: v for k, v in second.items() if k != "groups"},
             "hours_groups": second["groups"],
+            "hours_dp_ci95": bootstrap_interval(demographic_parity_difference, labels["test"],
+                                                pred, s_test, seed=seed),
         }
-    f, h = results["fair"], results["plain"]
-    dp_key = "demographic_parity_difference"
-    rows = [
-        "| encoder | income acc | income DP diff | hours>40 acc | hours>40 AUC | hours>40 DP diff "
-        "| hours>40 EO diff |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for name, r in (
-        ("unpenalised", h),
-        (f"{config.fairness.penalty} (weight {config.fairness.weight:g})", f),
-    ):
-        rows.append(
-            f"| {name} | {_fmt(r['income_test']['accuracy'])} | {_fmt(r['income_test'][dp_key])} | "
-            f"{_fmt(r['hours_test']['accuracy'])} | {_fmt(r['hours_test']['auc'])} | "
-            f"{_fmt(r['hours_test'][dp_key])} | {_fmt(r['hours_test']['equal_opportunity_difference'])} |"
+    return results
+
+
+def transfer(config: Config, run_dir: Path) -> dict[str, Any]:
+    """Train penalised and unpenalised income encoders, freeze them, fit a hours>40 head on each,
+    once per seed of ``run.seeds`` (default: ``run.seed`` alone).
+
+    The encoders see all features; for the second task the hours-per-week input is masked to its
+    training mean (standardised 0, about 40 h) so its label cannot leak. The head is a logistic
+    regression on the frozen representation; the report compares the second task's demographic
+    parity difference (with a 95% bootstrap interval per seed, and mean +- sd over seeds).
+    """
+    if config.fairness.penalty == "none":
+        raise ConfigError(
+            "fair_transfer: set fairness.penalty (mmd or sinkhorn) for the fair encoder"
         )
-    verdict = "lower" if f["hours_test"][dp_key] < h["hours_test"][dp_key] else "NOT lower"
+    run_dir = Path(run_dir)
+    seeds = config.run.seeds or [config.run.seed]
+    per_seed = {seed: _transfer_seed(config, seed, run_dir) for seed in seeds}
+    dp_key = "demographic_parity_difference"
+    rows = ["| seed | encoder | income acc | income DP diff | hours>40 acc | hours>40 AUC "
+            "| hours>40 DP diff [95% CI] | hours>40 EO diff |", "|---|---|---|---|---|---|---|---|"]
+    label = f"{config.fairness.penalty} (weight {config.fairness.weight:g})"
+    for seed, res in per_seed.items():
+        for name, r in (("unpenalised", res["plain"]), (label, res["fair"])):
+            lo, hi = r["hours_dp_ci95"]
+            rows.append(
+                f"| {seed} | {name} | {_fmt(r['income_test']['accuracy'])} | "
+                f"{_fmt(r['income_test'][dp_key])} | {_fmt(r['hours_test']['accuracy'])} | "
+                f"{_fmt(r['hours_test']['auc'])} | {_fmt(r['hours_test'][dp_key])} "
+                f"[{lo:.3f}, {hi:.3f}] | {_fmt(r['hours_test']['equal_opportunity_difference'])} |"
+            )
+    fair = np.array([r["fair"]["hours_test"][dp_key] for r in per_seed.values()])
+    plain = np.array([r["plain"]["hours_test"][dp_key] for r in per_seed.values()])
+    wins = int((fair < plain).sum())
+    ddof = 1 if len(seeds) > 1 else 0
     lines = [
         (
             f"Encoder trained on income (sensitive = {config.data.sensitive}), frozen; a fresh logistic-"
-            "regression head predicts hours-per-week > 40 (hours input masked). Test split."
+            "regression head predicts hours-per-week > 40 (hours input masked). Test split; "
+            f"seeds {seeds}."
         ),
         "",
         *rows,
         "",
         (
-            f"The penalised encoder gives a {verdict} demographic parity difference on the second task "
-            f"({f['hours_test'][dp_key]:.4f} vs {h['hours_test'][dp_key]:.4f})."
+            f"Second-task demographic parity difference, mean ± sd over {len(seeds)} seed(s): "
+            f"penalised {fair.mean():.4f} ± {fair.std(ddof=ddof):.4f}, unpenalised "
+            f"{plain.mean():.4f} ± {plain.std(ddof=ddof):.4f}; the penalised encoder is lower on "
+            f"{wins} of {len(seeds)} seeds."
         ),
     ]
+    first = per_seed[seeds[0]]
     summary = {
-        "fair": f,
-        "plain": h,
-        "transfer_dp_fair": f["hours_test"][dp_key],
-        "transfer_dp_plain": h["hours_test"][dp_key],
-        "transfer_accuracy_fair": f["hours_test"]["accuracy"],
-        "transfer_accuracy_plain": h["hours_test"]["accuracy"],
+        "seeds": seeds,
+        "per_seed": {str(k): v for k, v in per_seed.items()},
+        "fair": first["fair"],
+        "plain": first["plain"],
+        "transfer_dp_fair": float(fair.mean()),
+        "transfer_dp_plain": float(plain.mean()),
+        "transfer_dp_fair_sd": float(fair.std(ddof=ddof)),
+        "transfer_dp_plain_sd": float(plain.std(ddof=ddof)),
+        "transfer_fair_lower_on_seeds": wins,
+        "transfer_accuracy_fair": float(np.mean([r["fair"]["hours_test"]["accuracy"]
+                                                  for r in per_seed.values()])),
+        "transfer_accuracy_plain": float(np.mean([r["plain"]["hours_test"]["accuracy"]
+                                                   for r in per_seed.values()])),
     }
-    return _write(
-        run_dir, "Fair representation transfer: income -> hours-per-week > 40", lines, summary
-    )
+    return _write(run_dir, "Fair representation transfer: income -> hours-per-week > 40", lines,
+                  summary)
 
 
 # ---------------------------------------------------------------- post-processing

@@ -114,5 +114,7 @@ def with_penalty(config: Config, penalty: str, weight: float) -> Config:
     cfg = config.model_copy(deep=True)
     if penalty != "mmd":
         cfg.fairness.frequencies = None
+    if penalty == "none":  # nothing left to steer: the unconstrained model
+        cfg.fairness.target = None
     cfg.fairness.penalty, cfg.fairness.weight = penalty, weight
     return cfg

@@ -1,0 +1,132 @@
+"""Fairness as a constraint (``fairness.target``), not a weight to hunt for.
+
+A fixed penalty weight gives a different gap on every seed: the weight that meets DPD <= 0.02 on
+one seed collapses another to a constant predictor. :class:`ConstrainedStep` instead adapts the
+penalty's multiplier lambda by dual ascent on the constraint *as it is reported*: every
+``update_every`` steps it measures the gap (demographic parity or equal opportunity difference of
+the thresholded predictions, max over group pairs) on the held-out validation split and moves
+``log lambda`` by ``dual_lr * clip((gap - target) / target, -1, 1)``. The update is on the log scale
+because useful multipliers span decades (0.1 to 100); clipping the relative violation keeps one
+noisy validation reading from blowing lambda up.
+
+Dual ascent oscillates around the boundary, so the run also keeps the iterate with the best
+validation accuracy among those that met the target on validation (constrained model selection)
+and restores it at the end (:meth:`ConstrainedStep.finish`). A constant predictor meets any
+target, but it is only kept if nothing more accurate did. The test split is never looked at.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from trustml.fairness.bootstrap import bootstrap_interval
+from trustml.fairness.metrics import demographic_parity_difference, equal_opportunity_difference
+from trustml.fairness.penalty import FairnessPenalty
+from trustml.training.step import PlainStep
+
+GAPS = {"dp": demographic_parity_difference, "eo": equal_opportunity_difference}
+LAMBDA_RANGE = (1e-3, 1e4)
+
+
+@torch.no_grad()
+def _scores(model: nn.Module, x: torch.Tensor) -> np.ndarray:
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    out = torch.cat([torch.softmax(model(c.to(device)).float(), -1)[:, 1].cpu()
+                     for c in x.split(8192)])
+    model.train(was_training)
+    return out.numpy()
+
+
+class ConstrainedStep:
+    """A ``PlainStep`` with one fairness penalty whose multiplier meets ``target`` on validation.
+
+    ``val`` is the validation split (tensors ``x``, ``y``, ``s``); ``notion`` picks the gap (dp or
+    eo). Logs ``lambda``, and at each update ``val_gap`` and ``val_accuracy``.
+    """
+
+    def __init__(self, step: PlainStep, penalty: FairnessPenalty, val: Any, *, target: float,
+                 notion: str, update_every: int = 10, dual_lr: float = 0.5) -> None:
+        if not 0 < target < 1:
+            raise ValueError(f"fairness.target: expected a gap in (0, 1), got {target!r}")
+        if penalty not in step.penalties:
+            raise ValueError("ConstrainedStep: the penalty must be one of the step's penalties")
+        self.inner, self.penalty, self.target = step, penalty, float(target)
+        self.gap, self.update_every, self.dual_lr = GAPS[notion], int(update_every), float(dual_lr)
+        self.x, self.y, self.s = val.x, val.y.numpy(), val.s.numpy()
+        self.steps = 0
+        self.best: dict[str, torch.Tensor] | None = None
+        self.best_record: dict[str, float] = {}
+        self.last_record: dict[str, float] = {}
+
+    def measure(self, model: nn.Module) -> dict[str, float]:
+        pred = (_scores(model, self.x) >= 0.5).astype(np.int64)
+        return {"val_gap": float(self.gap(self.y, pred, self.s)),
+                "val_accuracy": float((pred == self.y).mean())}
+
+    def step(self, model: nn.Module, objective, batch: dict[str, torch.Tensor]) -> dict[str, float]:
+        metrics = self.inner.step(model, objective, batch)
+        self.steps += 1
+        if self.steps % self.update_every == 0:
+            metrics.update(self.update(model))
+        metrics["lambda"] = self.penalty.weight
+        return metrics
+
+    def update(self, model: nn.Module) -> dict[str, float]:
+        """Measure the constraint on validation, keep the iterate if it is the best feasible one,
+        and take one dual step on lambda."""
+        record = self.measure(model)
+        gap = record["val_gap"]
+        if math.isnan(gap):  # a group without positives on validation: nothing to steer by
+            return record
+        feasible = gap <= self.target
+        if feasible and record["val_accuracy"] > self.best_record.get("val_accuracy", -1.0):
+            core = getattr(model, "module", model)
+            self.best = {k: v.detach().clone() for k, v in core.state_dict().items()}
+            self.best_record = {**record, "step": float(self.steps), "lambda": self.penalty.weight}
+        violation = max(-1.0, min(1.0, (gap - self.target) / self.target))
+        weight = self.penalty.weight * math.exp(self.dual_lr * violation)
+        self.penalty.weight = min(max(weight, LAMBDA_RANGE[0]), LAMBDA_RANGE[1])
+        self.last_record = record
+        return record
+
+    def finish(self, model: nn.Module) -> dict[str, Any]:
+        """Restore the best validation-feasible iterate; say what was chosen (or that none was)."""
+        final = self.update(model)  # the last iterate is a candidate too
+        summary: dict[str, Any] = {"fairness_target": self.target,
+                                   "fairness_lambda_final": self.penalty.weight,
+                                   "fairness_target_met_on_val": self.best is not None}
+        if self.best is None:
+            summary["fairness_note"] = (
+                f"no iterate met fairness.target={self.target} on the validation split (last gap "
+                f"{final.get('val_gap', float('nan')):.4f}); the last iterate is kept: train longer "
+                f"(train.epochs), raise fairness.dual_lr or relax the target")
+            return summary
+        getattr(model, "module", model).load_state_dict(self.best)
+        summary.update({f"fairness_selected_{k}": v for k, v in self.best_record.items()})
+        return summary
+
+    def test_report(self, scores: np.ndarray, test: Any) -> dict[str, Any]:
+        """The constrained gap and the accuracy on the test split, with 95% bootstrap intervals."""
+        y, s = test.y.numpy(), test.s.numpy()
+        pred = (scores >= 0.5).astype(np.int64)
+        report: dict[str, Any] = {"test_gap": float(self.gap(y, pred, s))}
+        report["test_gap_ci95"] = bootstrap_interval(self.gap, y, pred, s)
+        report["test_accuracy_ci95"] = bootstrap_interval(
+            lambda t, p, _: float((t == p).mean()), y, pred, s)
+        return report
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"lambda": self.penalty.weight, "steps": self.steps,
+                "best": self.best or {}, "best_record": dict(self.best_record)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.penalty.weight, self.steps = float(state["lambda"]), int(state["steps"])
+        self.best = dict(state["best"]) or None
+        self.best_record = {k: float(v) for k, v in state["best_record"].items()}
