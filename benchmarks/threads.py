@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from trustml import config as cfgmod
-from trustml.training.run import run_training
+from trustml.runner import run_training
 
 CASES = {"adult baseline": ("configs/adult.yaml", []),
          "adult DP": ("configs/adult_dp.yaml", ["run.device=cpu"])}

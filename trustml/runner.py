@@ -21,6 +21,7 @@ from trustml import config as cfgmod
 from trustml.config import Config, ConfigError
 from trustml.data.sampling import ShardedBatches, ShuffledBatches, sequential_batches
 from trustml.hub import run_revisions
+from trustml.privacy.generic import Refusal
 from trustml.training import distributed, rundir
 from trustml.training.checkpoint import checkpoint_exists, save_model
 from trustml.training.loop import fit, seed_everything
@@ -275,12 +276,16 @@ def run_training(config: Config, run_dir: str | Path | None = None, resume: bool
     run_dir.mkdir(parents=True, exist_ok=True)
     if world.is_main:
         cfgmod.save(config, run_dir / "config.yaml")
-    summary = fit(trained, parts.objective, step, batches, epochs=config.train.epochs,
-                  run_dir=run_dir, state=state, evaluate=evaluate,
-                  max_steps=config.train.max_steps, log_every=config.train.log_every,
-                  checkpoint_every=config.run.checkpoint_every, resume=resume, progress=progress,
-                  world=world, scheduler=scheduler, checkpoint_steps=config.train.checkpoint_steps,
-                  eval_every_steps=config.train.eval_every_steps)
+    try:
+        summary = fit(trained, parts.objective, step, batches, epochs=config.train.epochs,
+                      run_dir=run_dir, state=state, evaluate=evaluate,
+                      max_steps=config.train.max_steps, log_every=config.train.log_every,
+                      checkpoint_every=config.run.checkpoint_every, resume=resume,
+                      progress=progress, world=world, scheduler=scheduler,
+                      checkpoint_steps=config.train.checkpoint_steps,
+                      eval_every_steps=config.train.eval_every_steps)
+    except Refusal as err:  # the engine proves exactness at the first step, or refuses the model
+        raise ConfigError(f"privacy: {err}") from None
     final = summary["partial_epoch"] or (summary["history"][-1] if summary["history"] else {})
     summary.update({k: v for k, v in final.items() if k.startswith(("val_", "epsilon"))})
     if "fairness" in state:

@@ -10,7 +10,7 @@ from trustml import config as cfgmod
 from trustml.config import ModelConfig
 from trustml.models.lm import build_lm
 from trustml.privacy.accounting import PrivacyAccountant
-from trustml.training.run import run_training
+from trustml.runner import run_training
 
 TINY = {"n_layer": 1, "n_embd": 16, "n_head": 2, "n_positions": 16}
 
