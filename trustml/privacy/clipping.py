@@ -223,7 +223,8 @@ class PerSampleClipper:
         norms = norm2.sqrt() / loss_scale
         factors = self.max_grad_norm / norms.clamp(min=self.max_grad_norm)
         for p, plan in plans:
-            g = plan.weighted_sum(factors / loss_scale).to(p.dtype)
+            # a Factored use sums to a 2-D (m, n) matrix; conv weights are (C_out, C_in, *kernel)
+            g = plan.weighted_sum(factors / loss_scale).to(p.dtype).reshape(p.shape)
             if p.grad is None:
                 p.grad = g
             else:
