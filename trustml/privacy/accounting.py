@@ -69,16 +69,40 @@ class PrivacyAccountant:
                 history.append(tuple(extra))
         if not history:
             return 0.0
+        key = (tuple(history), delta)
+        if key not in self._cache:  # the budget check's one-step look-ahead is the next log's now
+            if len(self._cache) >= 4:
+                self._cache.pop(next(iter(self._cache)))
+            self._cache[key] = self._compute(history, delta)
+        return self._cache[key]
+
+    def steps_within(self, budget: float, delta: float, sigma: float, q: float) -> int:
+        """The most further steps of (``sigma``, ``q``) that keep epsilon <= ``budget``.
+
+        Epsilon grows with every step, so this is found once (doubling, then bisection: ~2 log2(k)
+        evaluations) and a caller can then check a budget by counting steps instead of re-running
+        the analysis before every step."""
+        def fits(k: int) -> bool:
+            return self.epsilon(delta, extra=(sigma, q, k)) <= budget
+
+        if not fits(0):
+            return 0
+        low, high = 0, 1  # fits(low) holds
+        while fits(high):
+            if high >= 2**40:  # no budget in sight: the caller checks step by step from here on
+                return high
+            low, high = high, 2 * high
+        while high - low > 1:
+            mid = (low + high) // 2
+            low, high = (mid, high) if fits(mid) else (low, mid)
+        return low
+
+    def _compute(self, history: list[tuple[float, float, int]], delta: float) -> float:
         if self.kind == "rdp":
             return self._rdp_epsilon(history, delta)
-        key = (tuple(history), delta)
-        if key not in self._cache:
-            probe = create_accountant(self.kind)
-            probe.history = history
-            if len(self._cache) >= 4:  # the loop asks for now and for one step ahead
-                self._cache.pop(next(iter(self._cache)))
-            self._cache[key] = float(probe.get_epsilon(delta=delta))
-        return self._cache[key]
+        probe = create_accountant(self.kind)
+        probe.history = history
+        return float(probe.get_epsilon(delta=delta))
 
     def _rdp_epsilon(self, history: list[tuple[float, float, int]], delta: float) -> float:
         """Opacus's RDPAccountant.get_privacy_spent, with the one-step RDP curve of each (sigma, q)

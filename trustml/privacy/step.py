@@ -8,6 +8,7 @@ One logical (Poisson-sampled) batch -> physical batches through the clipper (cli
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -76,9 +77,10 @@ class DPStep:
         self.generator = torch.Generator(device=device).manual_seed(seed)
         self.loss_scale = 2.0**16 if amp == "fp16" else 1.0
         self.world = world
+        self._limit: tuple[tuple, int] | None = None
 
     def exhausted(self) -> str | None:
-        if self.epsilon_budget is None:
+        if self.epsilon_budget is None or self.accountant.steps < self._step_limit():
             return None
         after = self.accountant.epsilon(
             self.delta, extra=(self.noise_multiplier, self.sample_rate, 1)
@@ -88,9 +90,28 @@ class DPStep:
                     f"> {self.epsilon_budget}")
         return None
 
+    def _step_limit(self) -> int:
+        """Accountant steps up to which one more step surely stays within the budget (RDP only;
+        0 for PRV, whose numerical epsilon is checked before every step). Found once per history
+        that precedes this step's run of (sigma, q) -- a resumed run's, say -- and then reused."""
+        if self.accountant.kind != "rdp":
+            return 0
+        history = self.accountant.history
+        ours = (self.noise_multiplier, self.sample_rate)
+        prefix = tuple(history[:-1] if history and tuple(history[-1][:2]) == ours else history)
+        key = (prefix, self.delta, self.epsilon_budget, ours)
+        if self._limit is None or self._limit[0] != key:
+            more = self.accountant.steps_within(self.epsilon_budget, self.delta, *ours)
+            self._limit = (key, self.accountant.steps + more)
+        return self._limit[1]
+
+    def epsilon(self) -> float:
+        """Epsilon spent so far at ``delta`` (cached per accountant history)."""
+        return self.accountant.epsilon(self.delta)
+
     def step(
         self, model: nn.Module, objective: Any, batch: dict[str, torch.Tensor]
-    ) -> dict[str, float]:
+    ) -> dict[str, float | Callable[[], float]]:
         if model is not self.clipper.model:
             raise ValueError("DPStep.step got a different model from the one made private")
         self.optimizer.zero_grad(set_to_none=True)
@@ -114,7 +135,7 @@ class DPStep:
         return {
             "loss": loss_sum / n if n else math.nan,
             "batch_size": float(n),
-            "epsilon": self.accountant.epsilon(self.delta),
+            "epsilon": self.epsilon,  # computed only when the loop logs it
             "clipped_fraction": clipped,
             "grad_norm_median": norms.median().item() if n else 0.0,
         }
@@ -137,19 +158,30 @@ class DPStep:
         for p in self.params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-            if std > 0:
-                noise = torch.randn(
-                    p.shape, generator=self.generator, device=p.device, dtype=p.dtype
-                )
-                p.grad.add_(noise, alpha=std)
+        for params in self._by_dtype():
+            grads = [p.grad for p in params]
+            if std > 0:  # one draw for all parameters of a dtype, then one fused add
+                noise = self._draw(sum(p.numel() for p in params), params[0])
+                views = [c.view_as(p) for p, c in zip(params, noise.split([p.numel() for p in params]))]
+                torch._foreach_add_(grads, views, alpha=std)
         if self.world.distributed:
             flat = torch.cat([p.grad.reshape(-1) for p in self.params])
             all_reduce_sum(flat, self.world)
             for p, chunk in zip(self.params, flat.split([p.numel() for p in self.params])):
                 p.grad.copy_(chunk.view_as(p))
-        for p in self.params:
-            p.grad.div_(self.expected_batch_size)
+        torch._foreach_div_([p.grad for p in self.params], self.expected_batch_size)
         self.optimizer.step()
+
+    def _draw(self, numel: int, like: torch.Tensor) -> torch.Tensor:
+        """``numel`` standard normal values from ``self.generator`` (the step's noise source)."""
+        return torch.randn(numel, generator=self.generator, device=like.device, dtype=like.dtype)
+
+    def _by_dtype(self) -> list[list[nn.Parameter]]:
+        """The parameters grouped by (device, dtype), in order: one noise draw per group."""
+        groups: dict[tuple, list[nn.Parameter]] = {}
+        for p in self.params:
+            groups.setdefault((p.device, p.dtype), []).append(p)
+        return list(groups.values())
 
     def state_dict(self) -> dict[str, Any]:
         return {

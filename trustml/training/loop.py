@@ -46,6 +46,12 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
+def resolved(metrics: dict[str, Any]) -> dict[str, Any]:
+    """A step's metrics with lazy values (zero-argument callables, e.g. a DP step's epsilon) computed:
+    only the steps that are logged pay for them."""
+    return {k: v() if callable(v) else v for k, v in metrics.items()}
+
+
 class MetricsLog:
     """Append-only ``metrics.jsonl``: one JSON object per logged step or finished epoch."""
 
@@ -107,13 +113,14 @@ def fit(model: nn.Module, objective, step, batches, *, epochs: int, run_dir: str
             last = step.step(model, objective, to_device(batch, device))
             global_step += 1
             if global_step % log_every == 0:
+                last = resolved(last)
                 log.write({"step": global_step, "epoch": epoch, **last})
                 bar.set_postfix({k: f"{v:.4g}" for k, v in last.items()})
             if max_steps is not None and global_step >= max_steps:
                 stopped = f"reached train.max_steps={max_steps}"
                 break
         bar.close()
-        record = {"epoch": epoch + 1, "step": global_step, **last,
+        record = {"epoch": epoch + 1, "step": global_step, **resolved(last),
                   **(evaluate() if evaluate else {})}
         history.append(record)
         log.write(record)
