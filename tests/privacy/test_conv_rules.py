@@ -10,7 +10,7 @@ from torch import nn
 
 from trustml.privacy import PerSampleClipper
 from trustml.privacy.conv import ConvRule
-from trustml.privacy.layers import rule_for
+from trustml.privacy.layers import Factored, rule_for
 
 STRATEGIES = ["auto", "ghost", "materialise"]
 
@@ -146,3 +146,23 @@ def test_unbatched_input_refused(layer, x):
     with pytest.raises(ValueError, match=r"batch-first inputs \(N, C"):
         layer(x)
     clipper.remove()
+
+
+GHOST_CASES = [  # small output maps, wide channels: the rule hands the clipper im2col factors
+    (lambda: nn.Conv1d(16, 12, 3, stride=2, dilation=2, padding=1, padding_mode="reflect"), (4, 16, 7)),
+    (lambda: nn.Conv2d(16, 12, 3, padding="same", padding_mode="circular"), (5, 16, 2, 2)),
+    (lambda: nn.Conv2d(16, 12, (3, 2), stride=(2, 1), dilation=(1, 2), padding=(1, 0)), (3, 16, 4, 4)),
+    (lambda: nn.Conv3d(8, 6, 2, stride=(1, 2, 1), padding=(0, 1, 0), dilation=(1, 1, 2)), (4, 8, 2, 3, 3)),
+]
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("case", range(len(GHOST_CASES)))
+def test_gram_path(case, strategy):
+    torch.manual_seed(6)
+    build, shape = GHOST_CASES[case]
+    conv, x = build(), torch.randn(shape)
+    g = conv(x)
+    uses = dict((id(p), u) for p, u in rule_for(conv).uses(conv, x, [g], shape[0]))
+    assert isinstance(uses[id(conv.weight)], Factored)
+    assert_exact(conv, x, strategy)
