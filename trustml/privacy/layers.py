@@ -207,12 +207,15 @@ class GroupNormRule(FirstInput):
 
 def rule_for(module: nn.Module) -> Rule | None:
     """The fast exact rule for ``module``'s own parameters, or None (generic path or refusal)."""
-    # --- convolutions: exact types only (trustml/privacy/conv.py builds on Factored above) ---
+    # --- convolutions and GroupNorm: exact types only (conv.py builds on Factored above) ---
     from trustml.privacy.conv import RULES as CONV_RULES
+    from trustml.privacy.norms import RULES as NORM_RULES
 
     if type(module) in CONV_RULES:
         return CONV_RULES[type(module)]
-    # --- end convolutions ---
+    if type(module) in NORM_RULES:
+        return NORM_RULES[type(module)]
+    # --- end convolutions and GroupNorm ---
     if isinstance(module, nn.Embedding):
         if module.scale_grad_by_freq or module.sparse:
             raise ValueError(
