@@ -63,7 +63,8 @@ class _ParamPlan:
 
     def norm2(self, dtype: torch.dtype) -> Tensor:
         if self.dense is not None:
-            return self.dense.flatten(1).to(dtype).pow(2).sum(1)
+            flat = self.dense.flatten(1).to(dtype)
+            return torch.linalg.vecdot(flat, flat)
         total = 0
         for i, u in enumerate(self.factored):
             total = total + inner(u, u, dtype)
@@ -73,7 +74,8 @@ class _ParamPlan:
 
     def weighted_sum(self, c: Tensor) -> Tensor:
         if self.dense is not None:
-            return torch.tensordot(c.to(self.dense.dtype), self.dense, dims=1)
+            # c (B,) times (B, *shape) as one matmul (tensordot's Python wrapper costs more here)
+            return (c.to(self.dense.dtype) @ self.dense.flatten(1)).view(self.dense.shape[1:])
         total = None
         for f in sorted(self.factored, key=lambda f: f.indexed):  # the matmul first: no zero-fill
             total = f.weighted_sum(c, into=total)
@@ -81,6 +83,9 @@ class _ParamPlan:
 
 
 def _first_tensor(tree: Any) -> Tensor | None:
+    args = tree[0] if isinstance(tree, tuple) and len(tree) == 2 else ()
+    if args and isinstance(args[0], Tensor) and args[0].dim() > 0:  # the common case, no pytree walk
+        return args[0]
     return next((t for t in tree_leaves(tree) if isinstance(t, Tensor) and t.dim() > 0), None)
 
 
@@ -150,7 +155,8 @@ class PerSampleClipper:
         first = _first_tensor((args, kwargs))
         if first is not None:
             self._batch = max(self._batch, first.shape[0])
-        leaves, spec = tree_flatten(output)
+        # a plain tensor output (the common case) skips the pytree walk
+        leaves, spec = ([output], None) if isinstance(output, Tensor) else tree_flatten(output)
         expand = self._batch > 1 and any(
             isinstance(o, Tensor) and o.dim() > 0 and o.shape[0] == 1 for o in leaves
         )
@@ -159,7 +165,7 @@ class PerSampleClipper:
                 batched(o, self._batch) if isinstance(o, Tensor) and o.dim() > 0 else o
                 for o in leaves
             ]
-            output = tree_unflatten(leaves, spec)
+            output = leaves[0] if spec is None else tree_unflatten(leaves, spec)
         outs = [o for o in leaves if isinstance(o, Tensor) and o.requires_grad]
         if outs:
             saved = rule.save(module, args, kwargs, output)
@@ -217,9 +223,12 @@ class PerSampleClipper:
                 )
         plans = self._plans(records, grads, batch)
         dtype = torch.float64 if any(p.dtype == torch.float64 for p, _ in plans) else torch.float32
-        norm2 = torch.zeros(batch, dtype=dtype, device=losses.device)
-        for _, plan in plans:
-            norm2 += plan.norm2(dtype)
+        # one stacked sum over parameters rather than one add per parameter
+        norm2 = (
+            torch.stack([plan.norm2(dtype) for _, plan in plans]).sum(0)
+            if plans
+            else torch.zeros(batch, dtype=dtype, device=losses.device)
+        )
         norms = norm2.sqrt() / loss_scale
         factors = self.max_grad_norm / norms.clamp(min=self.max_grad_norm)
         for p, plan in plans:

@@ -96,6 +96,9 @@ def gram(u: Factored, v: Factored) -> Tensor:
 
 def inner(u: Factored, v: Factored, dtype: torch.dtype) -> Tensor:
     """(B,) per-sample Frobenius inner products <G_u,i, G_v,i>, accumulated in ``dtype``."""
+    if u is v and not u.indexed and u.x.shape[1] == 1:  # rank one (2-D inputs): |x_i|^2 |y_i|^2,
+        x, y = u.x.to(dtype), u.y.to(dtype)  # without B tiny matmuls
+        return x.square().sum((1, 2)) * y.square().sum((1, 2))
     gx = gram(u, v).to(dtype)
     gy = torch.bmm(u.y, v.y.transpose(1, 2)).to(dtype)
     return (gx * gy).sum((1, 2))
