@@ -39,6 +39,7 @@ from torch.utils._pytree import tree_flatten, tree_leaves, tree_unflatten
 
 from torch.nn.utils import parametrize
 
+import trustml.privacy.conv  # noqa: F401 (registers the convolution rules)
 from trustml.privacy.generic import AmbiguousBatch, GenericRule, Refusal
 from trustml.privacy.graph import Box, stray_uses
 from trustml.privacy.layers import (
@@ -319,7 +320,7 @@ class PerSampleClipper:
         norms = norm2.sqrt() / loss_scale
         factors = self.max_grad_norm / norms.clamp(min=self.max_grad_norm)
         for p, plan in plans:
-            g = plan.weighted_sum(factors / loss_scale).to(p.dtype)
+            g = plan.weighted_sum(factors / loss_scale).to(p.dtype).reshape(p.shape)
             if p.grad is None:
                 p.grad = g
             else:

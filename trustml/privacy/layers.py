@@ -265,7 +265,7 @@ RULES: dict[type, Rule] = {
     nn.GroupNorm: GroupNormRule(),
 }
 """Fast rules by EXACT class. A subclass inherits its base's rule only if :func:`plain_subclass`
-holds; other layers (and their conv rules) register here."""
+holds; other modules register their rules here (trustml.privacy.conv: Conv1d/2d/3d)."""
 if Conv1D is not None:
     RULES[Conv1D] = Conv1DRule()
 

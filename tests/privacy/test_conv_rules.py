@@ -1,0 +1,168 @@
+"""Conv1d/2d/3d rules: per-sample norms and clipped sums equal a one-sample-at-a-time loop (float64)."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from torch import nn
+
+from trustml.privacy import PerSampleClipper
+from trustml.privacy.conv import ConvRule
+from trustml.privacy.layers import Factored, rule_for
+
+STRATEGIES = ["auto", "ghost", "materialise"]
+
+
+def loss_fn(model, x):
+    out = model(x)
+    return (out.flatten(1) * torch.linspace(-1, 1, out[0].numel(), dtype=out.dtype)).sum(1) + (
+        out.flatten(1).tanh() ** 2
+    ).sum(1)
+
+
+def per_sample_reference(model, x):
+    """Each sample's gradient by its own autograd call: (norms (B,), per-sample grads per param)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = [torch.autograd.grad(loss_fn(model, x[i : i + 1]).sum(), params) for i in range(len(x))]
+    per_param = [torch.stack(gs) for gs in zip(*grads)]
+    norms = sum(g.flatten(1).pow(2).sum(1) for g in per_param).sqrt()
+    return norms, per_param
+
+
+def assert_exact(model, x, strategy="auto"):
+    model = model.double()
+    x = x.double()
+    norms_ref, per_param = per_sample_reference(model, x)
+    max_norm = norms_ref.median().item()  # some samples clipped, some not
+    factors = (max_norm / norms_ref).clamp(max=1.0)
+    clipper = PerSampleClipper(model, max_norm, strategy=strategy)
+    model.zero_grad(set_to_none=True)
+    norms = clipper.backward(loss_fn(model, x))
+    clipper.remove()
+    torch.testing.assert_close(norms, norms_ref, rtol=1e-6, atol=1e-12)
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    for (name, p), g in zip(params, per_param):
+        ref = torch.tensordot(factors, g, dims=1)
+        torch.testing.assert_close(p.grad, ref, rtol=1e-6, atol=1e-10, msg=lambda m, n=name: f"{n}: {m}")
+
+
+CONV2D_CASES = [
+    (stride, padding, dilation, groups, (stride + dilation + groups) % 2 == 1)
+    for stride, padding, dilation, groups in itertools.product([1, 2], [0, 1, "same"], [1, 2], [1, 2])
+    if not (padding == "same" and stride != 1)  # torch refuses 'same' with stride
+]
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("stride,padding,dilation,groups,bias", CONV2D_CASES)
+def test_conv2d(stride, padding, dilation, groups, bias, strategy):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 6, (3, 2), stride, padding, dilation, groups, bias)
+    assert_exact(conv, torch.randn(5, 4, 7, 6), strategy)
+
+
+@pytest.mark.parametrize("batch", [1, 2, 7])
+@pytest.mark.parametrize("mode", ["zeros", "reflect", "replicate", "circular"])
+@pytest.mark.parametrize("padding", [1, 2, "same", "valid"])
+def test_conv1d_padding_modes_and_batch_sizes(batch, mode, padding):
+    torch.manual_seed(1)
+    conv = nn.Conv1d(3, 4, 3, padding=padding, padding_mode=mode, dilation=2 if padding == 2 else 1)
+    assert_exact(conv, torch.randn(batch, 3, 9))
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"kernel_size": 2},
+        {"kernel_size": (2, 3, 1), "stride": (1, 2, 1), "padding": (1, 0, 2)},
+        {"kernel_size": 2, "dilation": (2, 1, 1), "groups": 2, "bias": False},
+        {"kernel_size": 3, "padding": "same", "padding_mode": "circular"},
+        {"kernel_size": 2, "stride": 2, "padding": 1, "padding_mode": "replicate", "groups": 2},
+    ],
+)
+def test_conv3d(kwargs, strategy):
+    torch.manual_seed(2)
+    assert_exact(nn.Conv3d(2, 4, **kwargs), torch.randn(3, 2, 4, 5, 3), strategy)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_depthwise_and_strided_conv1d(strategy):
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Conv1d(4, 8, 3, stride=3, groups=4), nn.ReLU(), nn.Conv1d(8, 8, 1, groups=8))
+    assert_exact(model, torch.randn(4, 4, 11), strategy)
+
+
+class Twice(nn.Module):
+    """One convolution applied twice: the per-sample norm needs the cross term of both calls."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(torch.tanh(self.conv(x)))
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_conv_called_twice(strategy):
+    torch.manual_seed(4)
+    assert_exact(Twice(), torch.randn(4, 3, 5, 5), strategy)
+
+
+def test_cnn_with_groupnorm_and_head():
+    """The benchmark's CNN shape: Conv2d + GroupNorm + ReLU + pooling blocks, then a linear head."""
+    torch.manual_seed(5)
+    blocks = []
+    for c_in, c_out in [(3, 8), (8, 8)]:
+        blocks += [nn.Conv2d(c_in, c_out, 3, padding=1), nn.GroupNorm(2, c_out), nn.ReLU(), nn.AvgPool2d(2)]
+    model = nn.Sequential(*blocks, nn.Flatten(), nn.Linear(8 * 2 * 2, 3))
+    assert_exact(model, torch.randn(6, 3, 8, 8))
+
+
+def test_rule_is_chosen_by_exact_type_and_no_second_forward():
+    for layer in (nn.Conv1d(1, 1, 1), nn.Conv2d(1, 1, 1), nn.Conv3d(1, 1, 1)):
+        assert isinstance(rule_for(layer), ConvRule)
+    conv = nn.Conv2d(2, 2, 3)
+    calls = []
+    conv.register_forward_hook(lambda *_: calls.append(1))
+    clipper = PerSampleClipper(conv, 1.0)
+    clipper.backward(conv(torch.randn(3, 2, 5, 5)).flatten(1).sum(1))
+    assert len(calls) == 1  # the torch.func fallback would have called the layer again
+
+
+@pytest.mark.parametrize(
+    "layer,x",
+    [
+        (nn.Conv1d(2, 3, 2), torch.randn(2, 5)),
+        (nn.Conv2d(2, 3, 2), torch.randn(2, 5, 5)),
+        (nn.Conv3d(2, 3, 2), torch.randn(2, 4, 4, 4)),
+    ],
+)
+def test_unbatched_input_refused(layer, x):
+    clipper = PerSampleClipper(layer, 1.0)
+    with pytest.raises(ValueError, match=r"batch-first inputs \(N, C"):
+        layer(x)
+    clipper.remove()
+
+
+GHOST_CASES = [  # small output maps, wide channels: the rule hands the clipper im2col factors
+    (lambda: nn.Conv1d(16, 12, 3, stride=2, dilation=2, padding=1, padding_mode="reflect"), (4, 16, 7)),
+    (lambda: nn.Conv2d(16, 12, 3, padding="same", padding_mode="circular"), (5, 16, 2, 2)),
+    (lambda: nn.Conv2d(16, 12, (3, 2), stride=(2, 1), dilation=(1, 2), padding=(1, 0)), (3, 16, 4, 4)),
+    (lambda: nn.Conv3d(8, 6, 2, stride=(1, 2, 1), padding=(0, 1, 0), dilation=(1, 1, 2)), (4, 8, 2, 3, 3)),
+]
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("case", range(len(GHOST_CASES)))
+def test_gram_path(case, strategy):
+    torch.manual_seed(6)
+    build, shape = GHOST_CASES[case]
+    conv, x = build(), torch.randn(shape)
+    g = conv(x)
+    uses = dict((id(p), u) for p, u in rule_for(conv).uses(conv, x, [g], shape[0]))
+    assert isinstance(uses[id(conv.weight)], Factored)
+    assert_exact(conv, x, strategy)
