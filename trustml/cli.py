@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import errno
 import importlib
 import json
@@ -174,7 +175,8 @@ def evaluate_main(argv: list[str] | None = None) -> int:
     runs = find_runs(args.run)
     saved = runs[0] / "config.yaml"
     cfgmod.use_threads(cfgmod.load(saved) if saved.is_file() else Config())
-    main = distributed.current().is_main  # under torchrun, rank 0 speaks for all
+    # under torchrun, rank 0 speaks for all (readable before the process group exists)
+    main = int(os.environ.get("RANK", "0")) == 0
     if main and runs != [Path(args.run)]:
         print(f"{args.run} holds {len(runs)} runs; evaluating each: "
               + ", ".join(str(r.relative_to(args.run)) for r in runs), file=sys.stderr)

@@ -147,6 +147,20 @@ def test_evaluation_and_fairness_figures(tmp_path, written):
     assert {k: v for k, v in written.items() if v} == {}
 
 
+def test_frontier_figure(tmp_path, written):
+    from trustml.fairness import frontier
+
+    summary = [{"method": m, "target": t, "accuracy": a - 2 * t, "accuracy_sd": 0.004,
+                "gap": 0.8 * t, "gap_sd": 0.003}
+               for m, a in (("trustml mmd (target)", 0.85), ("Fairlearn ExpGrad + LogReg", 0.84))
+               for t in (0.01, 0.02, 0.05)]
+    summary.append({"method": "MLP (unconstrained)", "target": None, "accuracy": 0.856,
+                    "accuracy_sd": 0.0, "gap": 0.19, "gap_sd": 0.0})
+    frontier.plot(summary, "dp", tmp_path / "frontier.png")
+    assert set(written) == {"frontier.png"}
+    assert {k: v for k, v in written.items() if v} == {}
+
+
 def test_the_look_fails_a_bad_figure(written, tmp_path):
     """The checker itself: an unlabelled axis and a legend over the data are reported."""
     import matplotlib.pyplot as plt
@@ -168,4 +182,4 @@ def test_every_plotting_module_is_covered():
     writers = {str(p.relative_to(root)) for p in root.rglob("*.py")
                if re.search(r"\.savefig\(", p.read_text())}
     assert writers == {"attacks/plots.py", "evaluation/tabular.py", "evaluation/bias.py",
-                       "fairness/experiments.py", "fairness/sweep.py"}
+                       "fairness/experiments.py", "fairness/sweep.py", "fairness/frontier.py"}

@@ -63,6 +63,9 @@ def load_run(run_dir: str | Path, device: str = "auto",
     ``overrides`` (``bias.*=...`` only: they choose evaluations, not the model) apply on top."""
     from trustml.runner import build_parts, resolve_device
 
+    bad = [o for o in overrides or [] if not o.startswith("bias.")]
+    if bad:  # settings first: a wrong override is reported before the directory is read
+        raise ConfigError(f"evaluate --set {bad[0]!r}: only bias.* keys can be set at evaluation")
     run_dir = Path(run_dir)
     runs = find_runs(run_dir)
     if runs != [run_dir]:
@@ -71,9 +74,6 @@ def load_run(run_dir: str | Path, device: str = "auto",
                           "evaluate one of them")
     if not (run_dir / "config.yaml").is_file():
         raise ConfigError(f"--run: {str(run_dir)!r} is not a run directory (no config.yaml)")
-    bad = [o for o in overrides or [] if not o.startswith("bias.")]
-    if bad:
-        raise ConfigError(f"evaluate --set {bad[0]!r}: only bias.* keys can be set at evaluation")
     config = cfgmod.load(run_dir / "config.yaml", overrides)
     parts = build_parts(config)
     dev = resolve_device(device)
