@@ -61,8 +61,11 @@ def _guarded(main: Callable[[list[str] | None], int]) -> Callable[[list[str] | N
             timeout = distributed.peer_timeout(err)
             if timeout is None:
                 raise
-            print(f"error: {timeout}", file=sys.stderr)
-            return 1
+            print(f"error: {timeout}", file=sys.stderr, flush=True)
+            # A process group with a silent peer cannot be torn down: the interpreter's normal
+            # exit destroys it and the C++ runtime may abort (exit -6) after our message.
+            sys.stdout.flush()
+            os._exit(1)
         except KeyboardInterrupt:
             print("interrupted: resume with --resume <run dir>", file=sys.stderr)
             return 130
