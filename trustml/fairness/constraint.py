@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from trustml.evaluation.tabular import predict_scores
 from trustml.fairness.bootstrap import bootstrap_interval
 from trustml.fairness.metrics import demographic_parity_difference, equal_opportunity_difference
 from trustml.fairness.penalty import FairnessPenalty
@@ -31,17 +32,6 @@ from trustml.training.step import PlainStep
 
 GAPS = {"dp": demographic_parity_difference, "eo": equal_opportunity_difference}
 LAMBDA_RANGE = (1e-3, 1e4)
-
-
-@torch.no_grad()
-def _scores(model: nn.Module, x: torch.Tensor) -> np.ndarray:
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    out = torch.cat([torch.softmax(model(c.to(device)).float(), -1)[:, 1].cpu()
-                     for c in x.split(8192)])
-    model.train(was_training)
-    return out.numpy()
 
 
 class ConstrainedStep:
@@ -66,7 +56,8 @@ class ConstrainedStep:
         self.last_record: dict[str, float] = {}
 
     def measure(self, model: nn.Module) -> dict[str, float]:
-        pred = (_scores(model, self.x) >= 0.5).astype(np.int64)
+        pred = (predict_scores(model, self.x, next(model.parameters()).device) >= 0.5)
+        pred = pred.astype(np.int64)
         return {"val_gap": float(self.gap(self.y, pred, self.s)),
                 "val_accuracy": float((pred == self.y).mean())}
 
