@@ -5,13 +5,11 @@ DistilGPT-2 student layers."""
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
 import yaml
 from torch import nn
-from transformers import GPT2Config, GPT2LMHeadModel
 
 from trustml import config as cfgmod
 from trustml.config import TrainConfig
@@ -21,9 +19,6 @@ from trustml.training.loop import fit
 from trustml.training.objectives import ObjectiveOutput
 from trustml.runner import make_scheduler, run_training
 from trustml.training.step import PlainStep
-
-ROOT = Path(__file__).resolve().parents[2]
-
 
 class _Rows(torch.utils.data.Dataset):
     def __init__(self, n=24):
@@ -121,18 +116,12 @@ def test_step_checkpoints_resume_mid_epoch_exactly(tmp_path):
     assert [r["step"] for r in records if "val_loss" in r] == [3, 6, 9, 12]  # 6 batches/epoch
 
 
-def test_distillation_run_logs_distill_loss_and_real_perplexity(tmp_path):
-    torch.manual_seed(0)
-    teacher = GPT2LMHeadModel(GPT2Config(n_layer=12, n_embd=8, n_head=2, n_positions=32))
-    teacher.save_pretrained(tmp_path / "teacher")
-    text = tmp_path / "text.txt"
-    text.write_text("\n".join(f"The nurse said that her shift ended at {i}." for i in range(40)))
-    config = cfgmod.load(ROOT / "configs" / "gpt2_cf_distill.yaml", [
-        f"distill.teacher={tmp_path / 'teacher'}", "data.path=", f"data.text_path={text}",
+def test_distillation_run_logs_distill_loss_and_real_perplexity(tmp_path, gpu_config):
+    config = gpu_config([
         "run.device=cpu", "train.amp=bf16", "train.max_steps=4", "train.batch_size=4",
         "data.seq_len=16", "train.log_every=1", "train.eval_every_steps=2",
         "train.checkpoint_steps=2", "train.warmup_steps=2", "train.grad_accum=2",
-    ])
+    ], sentence="The nurse said that her shift ended at {i}.")
     assert config.distill.student_layers == [0, 2, 4, 7, 9, 11]  # DistilGPT-2's extraction
     result = run_training(config, tmp_path / "run", progress=False)
     summary = result.summary
@@ -152,20 +141,16 @@ def test_distillation_run_logs_distill_loss_and_real_perplexity(tmp_path):
     assert saved["lr_schedule"] == "cosine" and saved["grad_clip"] == 1.0
 
 
-def test_student_starts_from_distilgpt2_layers(tmp_path):
+def test_student_starts_from_distilgpt2_layers(local_teacher, gpu_config):
     from trustml.data.text import load_tokenizer
     from trustml.distill.objective import build_distillation
 
-    torch.manual_seed(0)
-    teacher = GPT2LMHeadModel(GPT2Config(n_layer=12, n_embd=8, n_head=2, n_positions=32))
-    teacher.save_pretrained(tmp_path / "teacher")
-    config = cfgmod.load(ROOT / "configs" / "gpt2_cf_distill.yaml",
-                         [f"distill.teacher={tmp_path / 'teacher'}"])
+    config = gpu_config()
     student, objective = build_distillation(config, load_tokenizer("gpt2"))
     assert student.config.n_layer == 6
     for i, j in enumerate([0, 2, 4, 7, 9, 11]):
         for a, b in zip(student.transformer.h[i].parameters(),
-                        teacher.transformer.h[j].parameters()):
+                        local_teacher.transformer.h[j].parameters()):
             assert torch.equal(a, b)
     ids = torch.tensor([load_tokenizer("gpt2").encode("I told her the news.")])
     assert objective.counterfactual(ids).swapped == 1  # the real counterfactual, not a token map
