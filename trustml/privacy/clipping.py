@@ -40,7 +40,8 @@ from torch.utils._pytree import tree_flatten, tree_leaves, tree_unflatten
 from torch.nn.utils import parametrize
 
 import trustml.privacy.conv  # noqa: F401 (registers the convolution rules)
-from trustml.privacy.generic import AmbiguousBatch, GenericRule, Refusal
+from trustml.privacy.broadcast import Call, autocast_state, rng_state, unchanged
+from trustml.privacy.generic import KNOWN_LAYOUTS, AmbiguousBatch, GenericRule, Refusal
 from trustml.privacy.graph import Box, stray_uses
 from trustml.privacy.layers import (
     Factored,
@@ -154,7 +155,10 @@ class PerSampleClipper:
         self._rules: dict[nn.Module, tuple[tuple, Rule, list[nn.Parameter]]] = {}
         self._trainable: list[nn.Parameter] = []
         self._proven: dict[tuple, list[list[int]]] = {}  # signature -> each output's batch dim
-        self._handles = [model.register_forward_pre_hook(self._note_batch, with_kwargs=True)]
+        self._handles = [model.register_forward_pre_hook(self._note_batch, with_kwargs=True),
+                         model.register_forward_hook(self._note_output, with_kwargs=True)]
+        self._call: Call | None = None  # this model call, kept if a layer output is expanded
+        self._calls: list[Call] = []  # the calls of this pass with an expanded output
         self._layout_key: tuple | None = None
         self._attach()
 
@@ -222,6 +226,14 @@ class PerSampleClipper:
         first = _first_tensor((args, kwargs))
         if first is not None:
             self._batch = first.shape[0]
+        self._call = Call(args, kwargs, rng_state(),
+                          autocast_state(None if first is None else first.device), [])
+
+    def _note_output(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        if self._recording and self._call is not None and self._call.expanded:
+            self._call.output = output
+            self._calls.append(self._call)
+        self._call = None
 
     def _enter(self, module: nn.Module, args: tuple) -> None:
         if self._recording and isinstance(self._rule(module), GenericRule):
@@ -237,14 +249,16 @@ class PerSampleClipper:
             return None  # inside a generic-path call: that call's rule covers this one
         first = _first_tensor((args, kwargs))
         leaves, spec = tree_flatten(output)
-        expand = (  # only position-wise fast-rule layers on a batch-1 input (GPT-2's positions)
-            self._batch > 1
-            and not isinstance(rule, GenericRule)
-            and first is not None
-            and first.shape[0] == 1
+        generic = isinstance(rule, GenericRule)
+        expand = (  # position-wise fast-rule layers on a batch-1 input (GPT-2's positions), and
+            self._batch > 1  # generic calls with a batch-1 output (BART's decoder positions)
             and any(isinstance(o, Tensor) and o.dim() > 0 and o.shape[0] == 1 for o in leaves)
+            and (type(module) not in KNOWN_LAYOUTS if generic
+                 else first is not None and first.shape[0] == 1)
         )
         if expand:  # give every sample its own output (and output gradient); proved by the probe
+            if self._call is not None:  # and by replaying the model without it (broadcast.py)
+                self._call.expanded.append(self._name(module))
             leaves = [
                 batched(o, self._batch) if isinstance(o, Tensor) and o.dim() > 0 else o
                 for o in leaves
@@ -253,6 +267,8 @@ class PerSampleClipper:
         outs = [o for o in leaves if isinstance(o, Tensor) and o.requires_grad]
         if outs:
             saved = rule.save(module, args, kwargs, output)
+            if expand and generic:
+                saved.broadcast = True
             edges = [get_gradient_edge(o) for o in outs]
             self._records.append(
                 _Record(module, rule, saved, edges, [(o.shape, o.dtype, o.device) for o in outs],
@@ -274,6 +290,7 @@ class PerSampleClipper:
         if losses.dim() != 1:
             raise ValueError(f"per_sample_losses must have shape (B,), got {tuple(losses.shape)}")
         records, self._records, self._batch = self._records, [], 0
+        calls, self._calls = self._calls, []
         batch = losses.shape[0]
         if batch == 0:
             return losses.detach().float()
@@ -298,6 +315,7 @@ class PerSampleClipper:
         )
         dims = self._proven.get(signature)
         if dims is None:
+            self._prove_expansions(calls, batch)
             dims = self._probe(losses, records, batch, trainable)
             self._proven[signature] = dims
         grads = torch.autograd.grad(
@@ -370,6 +388,23 @@ class PerSampleClipper:
                 "(a sequence-first model? windows or heads folded into the batch dim?)"
             )
         raise self._refuse(r, why, batch)
+
+    def _prove_expansions(self, calls: list[Call], batch: int) -> None:
+        """Refuse if expanding a batch-1 output changed the model's forward (broadcast.py)."""
+        self._recording = False
+        try:
+            for call in calls:
+                how = unchanged(self.model, call)
+                if how is not None:
+                    raise Refusal(
+                        f"{call.expanded[0]}: its output has batch dim 1 in a batch of "
+                        f"{batch} samples, and giving each sample its own copy "
+                        f"changes the model's forward ({how}), so dim 0 is not a batch broadcast "
+                        "(a sequence-first layer on one token?); per-sample gradients of a call "
+                        "shared this way are not provable: freeze its parameters or compute it "
+                        "per sample")
+        finally:
+            self._recording = True
 
     def _probe(
         self, losses: Tensor, records: list[_Record], batch: int, trainable: list

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from itertools import combinations
 from typing import Any
 
 import torch
@@ -42,6 +43,8 @@ class Saved:
     spec: Any
     positions: list[int]  # which leaves of the output were recorded (those requiring grad)
     outputs: list[Tensor]  # those recorded outputs, detached (for the replay check)
+    versions: list[int]  # their version counters: an output modified in place is recomputed
+    broadcast: bool = False  # batch-1 outputs were expanded to the batch (a call shared by all)
 
 
 @dataclass
@@ -125,8 +128,21 @@ def _one(x: Any, d: int | None) -> Any:
     return x.unsqueeze(d) if d is not None else x
 
 
+MAX_AMBIGUOUS = 4  # inputs whose batch role a colliding pass may search (2**4 replays at most)
+
+
+def _collides(saved: Saved, batch: int) -> bool:
+    """The batch size also occurs in a non-leading dim, so a leading dim of that size may not be
+    the batch (a (T,) position index when T == batch size)."""
+    shapes = [x.shape for x in saved.flat if isinstance(x, Tensor)] + [o.shape for o in saved.outputs]
+    return batch > 1 and any(batch in s[1:] for s in shapes)
+
+
 class GenericRule:
     """Exact per-sample gradients of all trainable parameters of a module's subtree."""
+
+    def __init__(self) -> None:
+        self._layouts: dict[tuple, Layout | str] = {}  # proved layout (or why none) per shapes
 
     def save(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Saved:
         flat, spec = tree_flatten((args, kwargs))
@@ -136,10 +152,10 @@ class GenericRule:
             if isinstance(o, Tensor) and o.requires_grad:
                 positions.append(i)
                 outputs.append(o.detach())
-        return Saved(flat, spec, positions, outputs)
+        return Saved(flat, spec, positions, outputs, [o._version for o in outputs])
 
     def out_dims(self, module: nn.Module, saved: Saved, batch: int) -> list[int]:
-        return layout(module, saved, batch).outputs
+        return self.resolve(module, saved, batch).outputs
 
     @staticmethod
     def _outputs(module, p, flat, saved: Saved, lay: Layout) -> list[Tensor]:
@@ -165,9 +181,10 @@ class GenericRule:
 
     @staticmethod
     def _loop(fn, params, saved: Saved, lay: Layout, extra, extra_dims):
-        batch = next(x.shape[d] for x, d in zip(saved.flat, lay.inputs) if d is not None)
+        sizes = [x.shape[d] for x, d in zip(saved.flat, lay.inputs) if d is not None]
+        sizes += [t.shape[d] for e, ds in zip(extra, extra_dims) for t, d in zip(e, ds)]
         results = []
-        for i in range(batch):
+        for i in range(sizes[0]):
             pick = [x.select(d, i) if d is not None else x for x, d in zip(saved.flat, lay.inputs)]
             more = [[t.select(d, i) for t, d in zip(e, ds)] for e, ds in zip(extra, extra_dims)]
             results.append(fn(params, pick, *more))
@@ -177,20 +194,73 @@ class GenericRule:
 
     def check(self, module: nn.Module, saved: Saved, batch: int) -> str | None:
         """Replay the module per sample; None if it reproduces the recorded outputs, else why not."""
-        lay = layout(module, saved, batch)
-        if all(d is None for d in lay.inputs):
-            if batch == 1:
-                return None  # one sample: its gradient is the whole gradient
+        try:
+            self.resolve(module, saved, batch)
+        except Refusal as err:
+            return str(err)
+        return None
+
+    def resolve(self, module: nn.Module, saved: Saved, batch: int) -> Layout:
+        """The layout whose per-sample replay reproduces the recorded outputs (proved once per
+        shapes); raise :class:`Refusal` when none does, or when two different ones do.
+
+        The hypothesis is "dim 0 of an input is the batch when its size is the batch size". When
+        that size also occurs elsewhere (T == B) and the replay refutes it, the inputs of that size
+        are tried as shared, fewest first: exactly one hypothesis must reproduce the outputs (BART's
+        (T,) decoder position index at T == B); a tie is ambiguous, and no search runs without a
+        collision (a batch input treated as shared would couple samples)."""
+        key = (batch, saved.broadcast,
+               tuple(tuple(x.shape) if isinstance(x, Tensor) else None for x in saved.flat),
+               tuple(tuple(o.shape) for o in saved.outputs))
+        found = self._layouts.get(key)
+        if found is None:
+            found = self._layouts[key] = self._search(module, saved, batch)
+        if isinstance(found, str):
+            raise Refusal(found)
+        return found
+
+    def _search(self, module: nn.Module, saved: Saved, batch: int) -> Layout | str:
+        base = layout(module, saved, batch)
+        why = self._replays(module, saved, batch, base)
+        batched_inputs = [i for i, d in enumerate(base.inputs) if d is not None]
+        if (why is None or type(module) in KNOWN_LAYOUTS or not _collides(saved, batch)
+                or len(batched_inputs) > MAX_AMBIGUOUS):
+            return base if why is None else why
+        for r in range(1, len(batched_inputs) + 1):
+            passing = []
+            for shared in combinations(batched_inputs, r):
+                dims = [None if i in shared else d for i, d in enumerate(base.inputs)]
+                lay = Layout(dims, base.outputs)
+                if self._replays(module, saved, batch, lay) is None:
+                    passing.append(lay)
+            if len(passing) > 1:
+                return (f"{len(passing)} different choices of which inputs carry the batch of size "
+                        f"{batch} each reproduce its output: the batch dim is not provable")
+            if passing:
+                return passing[0]
+        return why
+
+    def _replays(self, module: nn.Module, saved: Saved, batch: int, lay: Layout) -> str | None:
+        """None if replaying the module per sample under ``lay`` reproduces its outputs."""
+        shared = all(d is None for d in lay.inputs)
+        if shared and batch > 1 and not saved.broadcast:
             return "none of its inputs carries the batch (a broadcast call: its output is shared)"
         params = {n: p.detach() for n, p in module.named_parameters()}
-
-        def replay(p, flat):
-            return tuple(self._outputs(module, p, flat, saved, lay))
-
-        with torch.no_grad():
-            outs = self._per_sample(replay, params, saved, lay, out_dims=tuple(lay.outputs))
-        for got, want in zip(outs, saved.outputs):
+        try:
+            with torch.no_grad():
+                if shared:  # one call shared by every sample: its output once, for each of them
+                    outs = [o.unsqueeze(d) for o, d in
+                            zip(self._outputs(module, params, saved.flat, saved, lay), lay.outputs)]
+                else:
+                    outs = self._per_sample(
+                        lambda p, flat: tuple(self._outputs(module, p, flat, saved, lay)),
+                        params, saved, lay, out_dims=tuple(lay.outputs))
+        except RuntimeError as err:  # a replay whose shapes do not fit: that layout is wrong
+            return f"replaying it one sample at a time fails ({str(err).splitlines()[0][:120]})"
+        for got, want in zip(outs, self._recorded(module, params, saved)):
             scale = want.abs().max().item() if want.numel() else 0.0
+            if shared and got.dim() == want.dim():
+                got = got.expand_as(want) if got.shape[0] == 1 else got
             if got.shape != want.shape or not torch.allclose(
                 got.to(want.dtype), want, rtol=1e-4, atol=1e-6 * max(scale, 1e-30)
             ):
@@ -201,13 +271,25 @@ class GenericRule:
                 )
         return None
 
+    @staticmethod
+    def _recorded(module: nn.Module, params: dict[str, Tensor], saved: Saved) -> list[Tensor]:
+        """The call's outputs; one modified in place since (Falcon's ``mlp_output +=
+        attention_output``) is computed again from the saved inputs."""
+        if all(o._version == v for o, v in zip(saved.outputs, saved.versions)):
+            return saved.outputs
+        args, kwargs = tree_unflatten(saved.flat, saved.spec)
+        with torch.no_grad():
+            again = tree_leaves(functional_call(module, params, args, kwargs))
+        return [o if o._version == v else again[k].expand_as(o)
+                for o, v, k in zip(saved.outputs, saved.versions, saved.positions)]
+
     def uses(
         self, module: nn.Module, saved: Saved, grads: list[Tensor], batch: int
     ) -> Iterator[tuple[nn.Parameter, Tensor]]:
         params = {n: p for n, p in module.named_parameters() if p.requires_grad}
         if not params:
             return
-        lay = layout(module, saved, batch)
+        lay = self.resolve(module, saved, batch)
         frozen = {n: p.detach() for n, p in module.named_parameters() if not p.requires_grad}
 
         def sample_loss(p: dict[str, Tensor], flat: list[Any], gs: list[Tensor]) -> Tensor:
@@ -215,7 +297,7 @@ class GenericRule:
             return sum((o * g).sum() for o, g in zip(outs, gs))
 
         detached = {n: p.detach() for n, p in params.items()}
-        if all(d is None for d in lay.inputs):  # one sample (else refused by check)
+        if batch == 1 and all(d is None for d in lay.inputs):
 
             def whole_loss(p: dict[str, Tensor]) -> Tensor:
                 args, kwargs = tree_unflatten(saved.flat, saved.spec)
@@ -226,6 +308,7 @@ class GenericRule:
             for name, p in params.items():
                 yield p, whole[name].unsqueeze(0)
             return
+        # a broadcast call (no batched input) is vmapped over its output gradients alone
         per_sample = self._per_sample(
             grad(sample_loss), detached, saved, lay, (grads,), (lay.outputs,)
         )
