@@ -41,10 +41,14 @@ from torch.nn.utils import parametrize
 
 import trustml.privacy.conv  # noqa: F401 (registers the convolution rules)
 from trustml.privacy.broadcast import Call, autocast_state, rng_state, unchanged
-from trustml.privacy.generic import KNOWN_LAYOUTS, AmbiguousBatch, GenericRule, Refusal
+from trustml.privacy.generic import KNOWN_LAYOUTS, AmbiguousBatch, GenericRule, Layout, Refusal
 from trustml.privacy.graph import Box, stray_uses
 from trustml.privacy.layers import (
+    Conv1DRule,
+    EmbeddingRule,
     Factored,
+    LayerNormRule,
+    LinearRule,
     Rule,
     Use,
     batch_dims,
@@ -55,6 +59,7 @@ from trustml.privacy.layers import (
 )
 
 Strategy = Literal["auto", "ghost", "materialise"]
+FOLDABLE = (LinearRule, Conv1DRule, EmbeddingRule, LayerNormRule)  # position-wise fast rules
 
 
 @dataclass
@@ -360,8 +365,11 @@ class PerSampleClipper:
         return "<unnamed>"
 
     def _layout_dims(self, r: _Record, batch: int) -> list[int]:
+        return self._layout(r, batch).outputs
+
+    def _layout(self, r: _Record, batch: int) -> Layout:
         try:
-            return r.rule.out_dims(r.module, r.saved, batch)
+            return r.rule.resolve(r.module, r.saved, batch)
         except Refusal as err:
             raise Refusal(f"{self._name(r.module)}: {err}") from None
 
@@ -375,6 +383,8 @@ class PerSampleClipper:
     def _check_shape(self, r: _Record, g: Tensor, d: int, batch: int) -> None:
         if g.dim() > d and g.shape[d] == batch:
             return
+        if d == 0 and g.dim() > 1 and g.shape[0] == batch * self._fold(r, g.shape, batch) > batch:
+            return  # rows folded sample-major, proved by the probe (_folded)
         if g.dim() > d and g.shape[d] == 1:
             why = (
                 "its output is computed once and shared by the whole batch (batch dim of size 1, "
@@ -469,6 +479,9 @@ class PerSampleClipper:
                 cands = [fixed[k]] if generic else batch_dims(r.rule, r.module, len(shape))
                 ok = [d for d in cands if len(shape) > d and shape[d] == batch
                       and all(self._rows_local(g[at + k], d, keep) for keep, g in parities)]
+                if not ok and self._folded(r, shape, batch, [g[at + k] for _, g in parities],
+                                           [keep for keep, _ in parities]):
+                    ok = [0]
                 if not ok:
                     if generic and len(shape) > fixed[k] and shape[fixed[k]] == batch:
                         raise self._refuse(
@@ -489,6 +502,26 @@ class PerSampleClipper:
             dims.append(mine)
             at += len(r.edges)
         return dims
+
+    def _fold(self, r: _Record, shape: torch.Size, batch: int) -> int:
+        """How many rows of dim 0 each sample has, if its rule can read folded rows; else 1."""
+        if isinstance(r.rule, GenericRule):
+            lay = self._layout(r, batch)
+            if batch == 1 and shape and all(d is None for d in lay.inputs):
+                return shape[0]  # one sample, one call: every row is its own
+            return lay.fold
+        if isinstance(r.rule, FOLDABLE) and shape and shape[0] % batch == 0:
+            return shape[0] // batch
+        return 1
+
+    def _folded(self, r: _Record, shape: torch.Size, batch: int, grads: list, keeps: list) -> bool:
+        """A position-wise layer on rows folded sample-major, (B * T, d) (OPT's MLP): rows
+        i*T .. (i+1)*T - 1 reach only sample i's loss. Its rule reads the rows as (B, T, d)."""
+        k = self._fold(r, shape, batch)
+        if k == 1 or len(shape) < 2:
+            return False
+        return all(self._rows_local(g, 0, keep.repeat_interleave(k))
+                   for g, keep in zip(grads, keeps))
 
     @staticmethod
     def _rows_local(g: Tensor | None, d: int, keep: Tensor) -> bool:

@@ -51,6 +51,7 @@ class Saved:
 class Layout:
     inputs: list[int | None]  # batch dim of each flat input leaf; None: shared by all samples
     outputs: list[int]  # batch dim of each recorded output
+    fold: int = 1  # > 1: the batched inputs and outputs are (B * fold, ...), sample-major
 
 
 def _index_tree(saved: Saved) -> tuple[tuple, dict]:
@@ -117,11 +118,18 @@ def layout(module: nn.Module, saved: Saved, batch: int) -> Layout:
     known = KNOWN_LAYOUTS.get(type(module))
     if known is not None:
         return known(module, saved)
-    dims = [
-        0 if isinstance(x, Tensor) and x.dim() > 0 and x.shape[0] == batch else None
-        for x in saved.flat
-    ]
-    return Layout(dims, [0] * len(saved.positions))
+    lead = [x.shape[0] if isinstance(x, Tensor) and x.dim() > 0 else 0 for x in saved.flat]
+    fold = 1
+    if batch > 1 and batch not in lead:  # rows folded into dim 0, (B * T, d): Mixtral's router
+        folds = {n // batch for n in lead if n > batch and n % batch == 0}
+        fold = folds.pop() if len(folds) == 1 else 1
+    dims = [0 if n == batch * fold else None for n in lead]
+    return Layout(dims, [0] * len(saved.positions), fold)
+
+
+def _unfold(x: Tensor, fold: int) -> Tensor:
+    """(B * fold, ...) -> (B, fold, ...): one slice per sample."""
+    return x if fold == 1 else x.reshape(-1, fold, *x.shape[1:])
 
 
 def _one(x: Any, d: int | None) -> Any:
@@ -154,38 +162,40 @@ class GenericRule:
                 outputs.append(o.detach())
         return Saved(flat, spec, positions, outputs, [o._version for o in outputs])
 
-    def out_dims(self, module: nn.Module, saved: Saved, batch: int) -> list[int]:
-        return self.resolve(module, saved, batch).outputs
-
     @staticmethod
     def _outputs(module, p, flat, saved: Saved, lay: Layout) -> list[Tensor]:
         """The module on one sample (inputs with a batch dim of 1), outputs without it."""
-        flat = [_one(x, d) for x, d in zip(flat, lay.inputs)]
+        if lay.fold == 1:  # a folded sample keeps its rows: (fold, ...)
+            flat = [_one(x, d) for x, d in zip(flat, lay.inputs)]
         args, kwargs = tree_unflatten(flat, saved.spec)
         outs = tree_leaves(functional_call(module, p, args, kwargs))
+        if lay.fold > 1:
+            return [outs[k] for k in saved.positions]
         return [outs[k].squeeze(d) for k, d in zip(saved.positions, lay.outputs)]
 
     def _per_sample(self, fn, params, saved: Saved, lay: Layout, extra=(), extra_dims=(),
                     out_dims: Any = 0):
         """vmap ``fn(params, sample inputs, *extra)`` over the batch; a loop where vmap fails."""
+        flat = [_unfold(x, lay.fold) if d is not None else x for x, d in zip(saved.flat, lay.inputs)]
+        extra = [[_unfold(t, lay.fold) for t in e] for e in extra]
         try:
             return vmap(fn, in_dims=(None, lay.inputs, *extra_dims), out_dims=out_dims,
-                        randomness="error")(params, saved.flat, *extra)
+                        randomness="error")(params, flat, *extra)
         except RuntimeError as err:
             if "random" in str(err):
                 raise Refusal(
                     "it draws random numbers in its forward (dropout in training mode?), so "
                     "its per-sample gradient cannot be replayed: set its dropout to 0"
                 ) from err
-            return self._loop(fn, params, saved, lay, extra, extra_dims)
+            return self._loop(fn, params, flat, lay, extra, extra_dims)
 
     @staticmethod
-    def _loop(fn, params, saved: Saved, lay: Layout, extra, extra_dims):
-        sizes = [x.shape[d] for x, d in zip(saved.flat, lay.inputs) if d is not None]
+    def _loop(fn, params, flat: list[Any], lay: Layout, extra, extra_dims):
+        sizes = [x.shape[d] for x, d in zip(flat, lay.inputs) if d is not None]
         sizes += [t.shape[d] for e, ds in zip(extra, extra_dims) for t, d in zip(e, ds)]
         results = []
         for i in range(sizes[0]):
-            pick = [x.select(d, i) if d is not None else x for x, d in zip(saved.flat, lay.inputs)]
+            pick = [x.select(d, i) if d is not None else x for x, d in zip(flat, lay.inputs)]
             more = [[t.select(d, i) for t, d in zip(e, ds)] for e, ds in zip(extra, extra_dims)]
             results.append(fn(params, pick, *more))
         if isinstance(results[0], dict):
@@ -230,7 +240,7 @@ class GenericRule:
             passing = []
             for shared in combinations(batched_inputs, r):
                 dims = [None if i in shared else d for i, d in enumerate(base.inputs)]
-                lay = Layout(dims, base.outputs)
+                lay = Layout(dims, base.outputs, base.fold)
                 if self._replays(module, saved, batch, lay) is None:
                     passing.append(lay)
             if len(passing) > 1:
@@ -249,18 +259,20 @@ class GenericRule:
         try:
             with torch.no_grad():
                 if shared:  # one call shared by every sample: its output once, for each of them
-                    outs = [o.unsqueeze(d) for o, d in
-                            zip(self._outputs(module, params, saved.flat, saved, lay), lay.outputs)]
+                    args, kwargs = tree_unflatten(saved.flat, saved.spec)
+                    leaves = tree_leaves(functional_call(module, params, args, kwargs))
+                    outs = [leaves[k] for k in saved.positions]
                 else:
                     outs = self._per_sample(
                         lambda p, flat: tuple(self._outputs(module, p, flat, saved, lay)),
                         params, saved, lay, out_dims=tuple(lay.outputs))
+                    outs = [o.flatten(0, 1) if lay.fold > 1 else o for o in outs]
         except RuntimeError as err:  # a replay whose shapes do not fit: that layout is wrong
             return f"replaying it one sample at a time fails ({str(err).splitlines()[0][:120]})"
         for got, want in zip(outs, self._recorded(module, params, saved)):
             scale = want.abs().max().item() if want.numel() else 0.0
-            if shared and got.dim() == want.dim():
-                got = got.expand_as(want) if got.shape[0] == 1 else got
+            if shared and got.dim() == want.dim() and got.shape[0] == 1:
+                got = got.expand_as(want)
             if got.shape != want.shape or not torch.allclose(
                 got.to(want.dtype), want, rtol=1e-4, atol=1e-6 * max(scale, 1e-30)
             ):
