@@ -8,6 +8,8 @@ a token or window count), one whose size equals the number of heads (B == 2) and
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -29,6 +31,14 @@ from trustml.privacy import PerSampleClipper, make_private
 from trustml.training.objectives import ObjectiveOutput
 
 CASES = ["plain", "b_eq_t", "b_eq_heads", "single"]
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+# The README's refused rows (each with the module named and why). Every other architecture must be
+# exact in all four cases: a regression to a refusal fails, not only a silent error.
+REFUSED = {
+    "mpnet", "funnel", "t5", "mt5", "umt5", "longt5", "blenderbot", "blenderbot-small", "swin",
+    "resnet", "mobilenet-v2", "regnet", "mobilevit",
+}
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -36,7 +46,16 @@ CASES = ["plain", "b_eq_t", "b_eq_heads", "single"]
 def test_exact_or_refused(spec: ZooModel, case: str) -> None:
     batch, seq = shapes(spec)[case]
     verdict = check_trustml(spec, batch, seq)
-    assert verdict.kind in ("exact", "refused"), f"{spec.name} (B={batch}, T={seq}): {verdict}"
+    allowed = ("exact", "refused") if spec.name in REFUSED else ("exact",)
+    assert verdict.kind in allowed, f"{spec.name} (B={batch}, T={seq}): {verdict}"
+
+
+def test_readme_table_matches_the_zoo() -> None:
+    """The README's table says exact for exactly the architectures the test above holds exact."""
+    rows = re.findall(r"^\| ([\w.-]+) \| [\w-]+ \| (exact|refused)", README.read_text(), re.M)
+    table = dict(rows)
+    assert set(table) == {s.name for s in ZOO}
+    assert {name for name, kind in table.items() if kind == "refused"} == REFUSED
 
 
 # ---- make_private(..., verify=True): the self-check on the run's own model --------------------

@@ -462,8 +462,8 @@ CASES = [
     Case("folded-rows", Folded, randn("B", T, D), squared_loss),
     Case("per-sample-BxTxT-mask", lambda: MaskedModel(True), randn("B", T, D), squared_loss),
     Case("broadcast-position-ids", lambda: TwoEmbeddings(), ids(11), squared_loss),
-    # its batch-1 output is expanded to the batch: proved by the probe and the forward replay
-    Case("shared-bias-call", WithSharedBias, randn("B", T, T), squared_loss),
+    Case("shared-bias-call", WithSharedBias, randn("B", T, T), squared_loss, expect="refused",
+         names=("bias", "SharedBias"), exact_when=lambda b: b == 1),
 ]
 
 

@@ -256,9 +256,9 @@ class PerSampleClipper:
         leaves, spec = tree_flatten(output)
         generic = isinstance(rule, GenericRule)
         expand = (  # position-wise fast-rule layers on a batch-1 input (GPT-2's positions), and
-            self._batch > 1  # generic calls with a batch-1 output (BART's decoder positions)
+            self._batch > 1  # generic calls with a batch input but a batch-1 output (BART's
             and any(isinstance(o, Tensor) and o.dim() > 0 and o.shape[0] == 1 for o in leaves)
-            and (type(module) not in KNOWN_LAYOUTS if generic
+            and (self._sees_batch(module, args, kwargs) if generic  # decoder positions)
                  else first is not None and first.shape[0] == 1)
         )
         if expand:  # give every sample its own output (and output gradient); proved by the probe
@@ -280,6 +280,14 @@ class PerSampleClipper:
                         (args, kwargs))
             )
         return output if expand else None
+
+    def _sees_batch(self, module: nn.Module, args: tuple, kwargs: dict) -> bool:
+        """A generic call given a tensor with the batch in dim 0. One given nothing of the batch
+        (Swin's relative position bias) is not expanded: its consumer may broadcast it against
+        another leading size (windows * batch), where an expanded copy would break the forward."""
+        return type(module) not in KNOWN_LAYOUTS and any(
+            isinstance(x, Tensor) and x.dim() > 0 and x.shape[0] == self._batch
+            for x in tree_leaves((args, kwargs)))
 
     # ---- backward --------------------------------------------------------------------------
 
