@@ -23,6 +23,7 @@ from zoo_models import (
     clipped_sum,
     compare_grads,
     per_sample_grads,
+    reference,
     shapes,
 )
 
@@ -135,3 +136,27 @@ def test_make_private_refuses_t5_before_any_update(case: str) -> None:
     with pytest.raises(Exception, match="relative_attention_bias"):
         private_step(spec, *shapes(spec)[case], model)
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+@pytest.mark.parametrize("name", ["bart", "opt", "mixtral"])
+def test_one_clipper_stays_exact_across_shapes(name: str) -> None:
+    """Layouts proved on the first pass (expanded positions, folded rows) are reused on later
+    passes of new lengths and batch sizes, including one where B == T: each pass stays exact."""
+    spec = next(s for s in ZOO if s.name == name)
+    model = spec.build()
+    clipper = PerSampleClipper(model, 1.0)
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    try:
+        for b, t in [(3, 5), (3, 6), (4, 4), (2, 7)]:
+            batch = spec.batch(b, t, seed=10 * b + t)
+            clipper._recording = False  # the naive loop's forwards are not the engine's passes
+            ref = reference(spec, model, batch)
+            clipper._recording = True
+            assert ref is not None
+            clipper.max_grad_norm = ref[1]
+            model.zero_grad(set_to_none=True)
+            clipper.backward(spec.loss(model, batch))
+            verdict = compare_grads(named, [p.grad for _, p in named], ref[0], 1e-6, 1e-6)
+            assert verdict.kind == "exact", f"B={b}, T={t}: {verdict}"
+    finally:
+        clipper.remove()

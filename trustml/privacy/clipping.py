@@ -377,7 +377,7 @@ class PerSampleClipper:
 
     def _layout(self, r: _Record, batch: int) -> Layout:
         try:
-            return r.rule.resolve(r.module, r.saved, batch)
+            return r.rule.layout_of(r.module, r.saved, batch)
         except Refusal as err:
             raise Refusal(f"{self._name(r.module)}: {err}") from None
 

@@ -146,6 +146,12 @@ def _collides(saved: Saved, batch: int) -> bool:
     return batch > 1 and any(batch in s[1:] for s in shapes)
 
 
+def _shapes(saved: Saved, batch: int) -> tuple:
+    return (batch, saved.broadcast,
+            tuple(tuple(x.shape) if isinstance(x, Tensor) else None for x in saved.flat),
+            tuple(tuple(o.shape) for o in saved.outputs))
+
+
 class GenericRule:
     """Exact per-sample gradients of all trainable parameters of a module's subtree."""
 
@@ -219,15 +225,21 @@ class GenericRule:
         are tried as shared, fewest first: exactly one hypothesis must reproduce the outputs (BART's
         (T,) decoder position index at T == B); a tie is ambiguous, and no search runs without a
         collision (a batch input treated as shared would couple samples)."""
-        key = (batch, saved.broadcast,
-               tuple(tuple(x.shape) if isinstance(x, Tensor) else None for x in saved.flat),
-               tuple(tuple(o.shape) for o in saved.outputs))
+        key = _shapes(saved, batch)
         found = self._layouts.get(key)
         if found is None:
             found = self._layouts[key] = self._search(module, saved, batch)
         if isinstance(found, str):
             raise Refusal(found)
         return found
+
+    def layout_of(self, module: nn.Module, saved: Saved, batch: int) -> Layout:
+        """The layout for a pass whose structure the probe proved: the proved one for these shapes,
+        else (new sequence length or batch size) the default one, which the probe's replay chose
+        for this structure -- unless the batch size collides, where only a replay decides."""
+        if _shapes(saved, batch) in self._layouts or _collides(saved, batch):
+            return self.resolve(module, saved, batch)
+        return layout(module, saved, batch)
 
     def _search(self, module: nn.Module, saved: Saved, batch: int) -> Layout | str:
         base = layout(module, saved, batch)
@@ -301,7 +313,7 @@ class GenericRule:
         params = {n: p for n, p in module.named_parameters() if p.requires_grad}
         if not params:
             return
-        lay = self.resolve(module, saved, batch)
+        lay = self.layout_of(module, saved, batch)
         frozen = {n: p.detach() for n, p in module.named_parameters() if not p.requires_grad}
 
         def sample_loss(p: dict[str, Tensor], flat: list[Any], gs: list[Tensor]) -> Tensor:
