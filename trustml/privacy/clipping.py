@@ -13,8 +13,10 @@ pass that asks autograd only for the gradients of those outputs -- so autograd n
 A parameter used by several layers (GPT-2's tied ``wte``/``lm_head``) gets the norm of the *sum* of
 its uses, cross terms included; a layer called several times per forward accumulates its calls; a
 module registered under two parents is hooked once; a layer whose input has batch 1 while the
-model's input has batch B (GPT-2's default position ids) has its output expanded to B so that its
-output gradient stays per-sample.
+model's input has batch B (GPT-2's default position ids), or a generic-path call given a batch input
+whose output has batch 1 (BART's decoder positions), has its output expanded to B so that its output
+gradient stays per-sample (:mod:`trustml.privacy.broadcast` proves the forward unchanged);
+position-wise layers on rows folded sample-major into dim 0, (B*T, d), read them as (B, T, d).
 
 Nothing is assumed silently. Each new *signature* of a pass (which layers ran, the trainable set,
 where the batch size occurs in their shapes) is proved once, before its gradients are used, by a

@@ -11,7 +11,14 @@ the layers that have a layout flag (``batch_first`` RNNs and MultiheadAttention,
 latter is a hypothesis, never trusted: :meth:`GenericRule.check` replays the module per sample and
 requires the replay to reproduce the recorded output (a (T, T) mask sliced as if T were the batch
 does not), and the clipper proves on its probe that each output row only reaches its own sample's
-loss. The module must be deterministic (dropout in training mode is refused).
+loss. Two more hypotheses are proved the same way: inputs whose dim 0 is ``B * T`` (rows folded
+sample-major, Mixtral's router) are replayed ``T`` rows per sample, and a call whose batch-1 output
+the clipper expanded (a broadcast call) may have no batched input: it is replayed once, and that
+one output stands for every sample. When the batch size
+collides with another size and the replay refutes the default, the inputs of that size are tried as
+shared: exactly one choice must fit. The module must be deterministic (dropout in training mode is
+refused). An output modified in place after the call (Falcon's residual) is recomputed from the
+saved inputs for the comparison.
 """
 
 from __future__ import annotations
