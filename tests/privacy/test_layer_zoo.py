@@ -269,6 +269,43 @@ class SeqFirstLinear(nn.Module):
         return self.lin(x.transpose(0, 1)).cumsum(0).transpose(0, 1)
 
 
+class FirstTokenSeqFirst(nn.Module):
+    """A Linear on the first token of a sequence-first view, (1, B, d): dim 0 is not a batch of 1,
+    so expanding it to the batch would change the forward (the forward replay refuses that)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(D, D)
+
+    def forward(self, x):
+        return self.lin(x.transpose(0, 1)[:1]).sum(0)
+
+
+class RowGain(nn.Module):
+    """A generic-path (parameterised, no fast rule) position-wise layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.gain = nn.Parameter(torch.randn(D))
+
+    def forward(self, x):
+        return x * self.gain + x.tanh()
+
+
+class Folded(nn.Module):
+    """Rows folded sample-major into dim 0, (B * T, d), through a fast-rule and a generic layer
+    (OPT's MLP, Mixtral's router); the output of the generic layer is then modified in place."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin, self.gain = nn.Linear(D, D), RowGain()
+
+    def forward(self, x):
+        rows = self.gain(self.lin(x.reshape(-1, D)))
+        rows += x.reshape(-1, D)  # in place, after the call (Falcon's residual)
+        return rows.reshape(x.shape)
+
+
 class MaskedMix(nn.Module):
     """A generic-path block taking a (T, T) mask (shared by all samples) or a (B, T, T) one."""
 
@@ -418,8 +455,11 @@ CASES = [
     Case("weight-read-inside-another-call", Stash, randn("B", T, D), squared_loss,
          expect="refused", names=("a.weight", "Linear", "inside module b (Reads)")),
     Case("sequence-first-linear", SeqFirstLinear, randn("B", T, D), squared_loss),
-    Case("shared-TxT-mask", lambda: MaskedModel(False), randn("B", T, D), squared_loss,
-         names=("mix", "MaskedMix"), exact_when=lambda b: b != T),
+    # at B == T the (T, T) mask is proved shared: the only choice whose replay fits
+    Case("shared-TxT-mask", lambda: MaskedModel(False), randn("B", T, D), squared_loss),
+    Case("first-token-sequence-first", FirstTokenSeqFirst, randn("B", T, D), squared_loss,
+         names=("lin", "Linear"), exact_when=lambda b: b == 1),
+    Case("folded-rows", Folded, randn("B", T, D), squared_loss),
     Case("per-sample-BxTxT-mask", lambda: MaskedModel(True), randn("B", T, D), squared_loss),
     Case("broadcast-position-ids", lambda: TwoEmbeddings(), ids(11), squared_loss),
     Case("shared-bias-call", WithSharedBias, randn("B", T, T), squared_loss, expect="refused",

@@ -13,8 +13,10 @@ pass that asks autograd only for the gradients of those outputs -- so autograd n
 A parameter used by several layers (GPT-2's tied ``wte``/``lm_head``) gets the norm of the *sum* of
 its uses, cross terms included; a layer called several times per forward accumulates its calls; a
 module registered under two parents is hooked once; a layer whose input has batch 1 while the
-model's input has batch B (GPT-2's default position ids) has its output expanded to B so that its
-output gradient stays per-sample.
+model's input has batch B (GPT-2's default position ids), or a generic-path call given a batch input
+whose output has batch 1 (BART's decoder positions), has its output expanded to B so that its output
+gradient stays per-sample (:mod:`trustml.privacy.broadcast` proves the forward unchanged);
+position-wise layers on rows folded sample-major into dim 0, (B*T, d), read them as (B, T, d).
 
 Nothing is assumed silently. Each new *signature* of a pass (which layers ran, the trainable set,
 where the batch size occurs in their shapes) is proved once, before its gradients are used, by a
@@ -40,10 +42,15 @@ from torch.utils._pytree import tree_flatten, tree_leaves, tree_unflatten
 from torch.nn.utils import parametrize
 
 import trustml.privacy.conv  # noqa: F401 (registers the convolution rules)
-from trustml.privacy.generic import AmbiguousBatch, GenericRule, Refusal
+from trustml.privacy.broadcast import Call, autocast_state, rng_state, unchanged
+from trustml.privacy.generic import KNOWN_LAYOUTS, AmbiguousBatch, GenericRule, Layout, Refusal
 from trustml.privacy.graph import Box, stray_uses
 from trustml.privacy.layers import (
+    Conv1DRule,
+    EmbeddingRule,
     Factored,
+    LayerNormRule,
+    LinearRule,
     Rule,
     Use,
     batch_dims,
@@ -54,6 +61,7 @@ from trustml.privacy.layers import (
 )
 
 Strategy = Literal["auto", "ghost", "materialise"]
+FOLDABLE = (LinearRule, Conv1DRule, EmbeddingRule, LayerNormRule)  # position-wise fast rules
 
 
 @dataclass
@@ -154,7 +162,10 @@ class PerSampleClipper:
         self._rules: dict[nn.Module, tuple[tuple, Rule, list[nn.Parameter]]] = {}
         self._trainable: list[nn.Parameter] = []
         self._proven: dict[tuple, list[list[int]]] = {}  # signature -> each output's batch dim
-        self._handles = [model.register_forward_pre_hook(self._note_batch, with_kwargs=True)]
+        self._handles = [model.register_forward_pre_hook(self._note_batch, with_kwargs=True),
+                         model.register_forward_hook(self._note_output, with_kwargs=True)]
+        self._call: Call | None = None  # this model call, kept if a layer output is expanded
+        self._calls: list[Call] = []  # the calls of this pass with an expanded output
         self._layout_key: tuple | None = None
         self._attach()
 
@@ -222,6 +233,14 @@ class PerSampleClipper:
         first = _first_tensor((args, kwargs))
         if first is not None:
             self._batch = first.shape[0]
+        self._call = Call(args, kwargs, rng_state(),
+                          autocast_state(None if first is None else first.device), [])
+
+    def _note_output(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        if self._recording and self._call is not None and self._call.expanded:
+            self._call.output = output
+            self._calls.append(self._call)
+        self._call = None
 
     def _enter(self, module: nn.Module, args: tuple) -> None:
         if self._recording and isinstance(self._rule(module), GenericRule):
@@ -237,14 +256,16 @@ class PerSampleClipper:
             return None  # inside a generic-path call: that call's rule covers this one
         first = _first_tensor((args, kwargs))
         leaves, spec = tree_flatten(output)
-        expand = (  # only position-wise fast-rule layers on a batch-1 input (GPT-2's positions)
-            self._batch > 1
-            and not isinstance(rule, GenericRule)
-            and first is not None
-            and first.shape[0] == 1
+        generic = isinstance(rule, GenericRule)
+        expand = (  # position-wise fast-rule layers on a batch-1 input (GPT-2's positions), and
+            self._batch > 1  # generic calls with a batch input but a batch-1 output (BART's
             and any(isinstance(o, Tensor) and o.dim() > 0 and o.shape[0] == 1 for o in leaves)
+            and (self._sees_batch(module, args, kwargs) if generic  # decoder positions)
+                 else first is not None and first.shape[0] == 1)
         )
         if expand:  # give every sample its own output (and output gradient); proved by the probe
+            if self._call is not None:  # and by replaying the model without it (broadcast.py)
+                self._call.expanded.append(self._name(module))
             leaves = [
                 batched(o, self._batch) if isinstance(o, Tensor) and o.dim() > 0 else o
                 for o in leaves
@@ -253,12 +274,22 @@ class PerSampleClipper:
         outs = [o for o in leaves if isinstance(o, Tensor) and o.requires_grad]
         if outs:
             saved = rule.save(module, args, kwargs, output)
+            if expand and generic:
+                saved.broadcast = True
             edges = [get_gradient_edge(o) for o in outs]
             self._records.append(
                 _Record(module, rule, saved, edges, [(o.shape, o.dtype, o.device) for o in outs],
                         (args, kwargs))
             )
         return output if expand else None
+
+    def _sees_batch(self, module: nn.Module, args: tuple, kwargs: dict) -> bool:
+        """A generic call given a tensor with the batch in dim 0. One given nothing of the batch
+        (Swin's relative position bias) is not expanded: its consumer may broadcast it against
+        another leading size (windows * batch), where an expanded copy would break the forward."""
+        return type(module) not in KNOWN_LAYOUTS and any(
+            isinstance(x, Tensor) and x.dim() > 0 and x.shape[0] == self._batch
+            for x in tree_leaves((args, kwargs)))
 
     # ---- backward --------------------------------------------------------------------------
 
@@ -274,6 +305,7 @@ class PerSampleClipper:
         if losses.dim() != 1:
             raise ValueError(f"per_sample_losses must have shape (B,), got {tuple(losses.shape)}")
         records, self._records, self._batch = self._records, [], 0
+        calls, self._calls = self._calls, []
         batch = losses.shape[0]
         if batch == 0:
             return losses.detach().float()
@@ -298,6 +330,7 @@ class PerSampleClipper:
         )
         dims = self._proven.get(signature)
         if dims is None:
+            self._prove_expansions(calls, batch)
             dims = self._probe(losses, records, batch, trainable)
             self._proven[signature] = dims
         grads = torch.autograd.grad(
@@ -342,8 +375,11 @@ class PerSampleClipper:
         return "<unnamed>"
 
     def _layout_dims(self, r: _Record, batch: int) -> list[int]:
+        return self._layout(r, batch).outputs
+
+    def _layout(self, r: _Record, batch: int) -> Layout:
         try:
-            return r.rule.out_dims(r.module, r.saved, batch)
+            return r.rule.layout_of(r.module, r.saved, batch)
         except Refusal as err:
             raise Refusal(f"{self._name(r.module)}: {err}") from None
 
@@ -357,6 +393,8 @@ class PerSampleClipper:
     def _check_shape(self, r: _Record, g: Tensor, d: int, batch: int) -> None:
         if g.dim() > d and g.shape[d] == batch:
             return
+        if d == 0 and g.dim() > 1 and g.shape[0] == batch * self._fold(r, g.shape, batch) > batch:
+            return  # rows folded sample-major, proved by the probe (_folded)
         if g.dim() > d and g.shape[d] == 1:
             why = (
                 "its output is computed once and shared by the whole batch (batch dim of size 1, "
@@ -370,6 +408,23 @@ class PerSampleClipper:
                 "(a sequence-first model? windows or heads folded into the batch dim?)"
             )
         raise self._refuse(r, why, batch)
+
+    def _prove_expansions(self, calls: list[Call], batch: int) -> None:
+        """Refuse if expanding a batch-1 output changed the model's forward (broadcast.py)."""
+        self._recording = False
+        try:
+            for call in calls:
+                how = unchanged(self.model, call)
+                if how is not None:
+                    raise Refusal(
+                        f"{call.expanded[0]}: its output has batch dim 1 in a batch of "
+                        f"{batch} samples, and giving each sample its own copy "
+                        f"changes the model's forward ({how}), so dim 0 is not a batch broadcast "
+                        "(a sequence-first layer on one token?); per-sample gradients of a call "
+                        "shared this way are not provable: freeze its parameters or compute it "
+                        "per sample")
+        finally:
+            self._recording = True
 
     def _probe(
         self, losses: Tensor, records: list[_Record], batch: int, trainable: list
@@ -434,6 +489,9 @@ class PerSampleClipper:
                 cands = [fixed[k]] if generic else batch_dims(r.rule, r.module, len(shape))
                 ok = [d for d in cands if len(shape) > d and shape[d] == batch
                       and all(self._rows_local(g[at + k], d, keep) for keep, g in parities)]
+                if not ok and self._folded(r, shape, batch, [g[at + k] for _, g in parities],
+                                           [keep for keep, _ in parities]):
+                    ok = [0]
                 if not ok:
                     if generic and len(shape) > fixed[k] and shape[fixed[k]] == batch:
                         raise self._refuse(
@@ -454,6 +512,26 @@ class PerSampleClipper:
             dims.append(mine)
             at += len(r.edges)
         return dims
+
+    def _fold(self, r: _Record, shape: torch.Size, batch: int) -> int:
+        """How many rows of dim 0 each sample has, if its rule can read folded rows; else 1."""
+        if isinstance(r.rule, GenericRule):
+            lay = self._layout(r, batch)
+            if batch == 1 and shape and all(d is None for d in lay.inputs):
+                return shape[0]  # one sample, one call: every row is its own
+            return lay.fold
+        if isinstance(r.rule, FOLDABLE) and shape and shape[0] % batch == 0:
+            return shape[0] // batch
+        return 1
+
+    def _folded(self, r: _Record, shape: torch.Size, batch: int, grads: list, keeps: list) -> bool:
+        """A position-wise layer on rows folded sample-major, (B * T, d) (OPT's MLP): rows
+        i*T .. (i+1)*T - 1 reach only sample i's loss. Its rule reads the rows as (B, T, d)."""
+        k = self._fold(r, shape, batch)
+        if k == 1 or len(shape) < 2:
+            return False
+        return all(self._rows_local(g, 0, keep.repeat_interleave(k))
+                   for g, keep in zip(grads, keeps))
 
     @staticmethod
     def _rows_local(g: Tensor | None, d: int, keep: Tensor) -> bool:

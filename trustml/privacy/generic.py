@@ -11,13 +11,21 @@ the layers that have a layout flag (``batch_first`` RNNs and MultiheadAttention,
 latter is a hypothesis, never trusted: :meth:`GenericRule.check` replays the module per sample and
 requires the replay to reproduce the recorded output (a (T, T) mask sliced as if T were the batch
 does not), and the clipper proves on its probe that each output row only reaches its own sample's
-loss. The module must be deterministic (dropout in training mode is refused).
+loss. Two more hypotheses are proved the same way: inputs whose dim 0 is ``B * T`` (rows folded
+sample-major, Mixtral's router) are replayed ``T`` rows per sample, and a call whose batch-1 output
+the clipper expanded (a broadcast call) may have no batched input: it is replayed once, and that
+one output stands for every sample. When the batch size
+collides with another size and the replay refutes the default, the inputs of that size are tried as
+shared: exactly one choice must fit. The module must be deterministic (dropout in training mode is
+refused). An output modified in place after the call (Falcon's residual) is recomputed from the
+saved inputs for the comparison.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from itertools import combinations
 from typing import Any
 
 import torch
@@ -42,12 +50,15 @@ class Saved:
     spec: Any
     positions: list[int]  # which leaves of the output were recorded (those requiring grad)
     outputs: list[Tensor]  # those recorded outputs, detached (for the replay check)
+    versions: list[int]  # their version counters: an output modified in place is recomputed
+    broadcast: bool = False  # batch-1 outputs were expanded to the batch (a call shared by all)
 
 
 @dataclass
 class Layout:
     inputs: list[int | None]  # batch dim of each flat input leaf; None: shared by all samples
     outputs: list[int]  # batch dim of each recorded output
+    fold: int = 1  # > 1: the batched inputs and outputs are (B * fold, ...), sample-major
 
 
 def _index_tree(saved: Saved) -> tuple[tuple, dict]:
@@ -114,19 +125,45 @@ def layout(module: nn.Module, saved: Saved, batch: int) -> Layout:
     known = KNOWN_LAYOUTS.get(type(module))
     if known is not None:
         return known(module, saved)
-    dims = [
-        0 if isinstance(x, Tensor) and x.dim() > 0 and x.shape[0] == batch else None
-        for x in saved.flat
-    ]
-    return Layout(dims, [0] * len(saved.positions))
+    lead = [x.shape[0] if isinstance(x, Tensor) and x.dim() > 0 else 0 for x in saved.flat]
+    fold = 1
+    if batch > 1 and batch not in lead:  # rows folded into dim 0, (B * T, d): Mixtral's router
+        folds = {n // batch for n in lead if n > batch and n % batch == 0}
+        fold = folds.pop() if len(folds) == 1 else 1
+    dims = [0 if n == batch * fold else None for n in lead]
+    return Layout(dims, [0] * len(saved.positions), fold)
+
+
+def _unfold(x: Tensor, fold: int) -> Tensor:
+    """(B * fold, ...) -> (B, fold, ...): one slice per sample."""
+    return x if fold == 1 else x.reshape(-1, fold, *x.shape[1:])
 
 
 def _one(x: Any, d: int | None) -> Any:
     return x.unsqueeze(d) if d is not None else x
 
 
+MAX_AMBIGUOUS = 4  # inputs whose batch role a colliding pass may search (2**4 replays at most)
+
+
+def _collides(saved: Saved, batch: int) -> bool:
+    """The batch size also occurs in a non-leading dim, so a leading dim of that size may not be
+    the batch (a (T,) position index when T == batch size)."""
+    shapes = [x.shape for x in saved.flat if isinstance(x, Tensor)] + [o.shape for o in saved.outputs]
+    return batch > 1 and any(batch in s[1:] for s in shapes)
+
+
+def _shapes(saved: Saved, batch: int) -> tuple:
+    return (batch, saved.broadcast,
+            tuple(tuple(x.shape) if isinstance(x, Tensor) else None for x in saved.flat),
+            tuple(tuple(o.shape) for o in saved.outputs))
+
+
 class GenericRule:
     """Exact per-sample gradients of all trainable parameters of a module's subtree."""
+
+    def __init__(self) -> None:
+        self._layouts: dict[tuple, Layout | str] = {}  # proved layout (or why none) per shapes
 
     def save(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Saved:
         flat, spec = tree_flatten((args, kwargs))
@@ -136,39 +173,42 @@ class GenericRule:
             if isinstance(o, Tensor) and o.requires_grad:
                 positions.append(i)
                 outputs.append(o.detach())
-        return Saved(flat, spec, positions, outputs)
-
-    def out_dims(self, module: nn.Module, saved: Saved, batch: int) -> list[int]:
-        return layout(module, saved, batch).outputs
+        return Saved(flat, spec, positions, outputs, [o._version for o in outputs])
 
     @staticmethod
     def _outputs(module, p, flat, saved: Saved, lay: Layout) -> list[Tensor]:
         """The module on one sample (inputs with a batch dim of 1), outputs without it."""
-        flat = [_one(x, d) for x, d in zip(flat, lay.inputs)]
+        if lay.fold == 1:  # a folded sample keeps its rows: (fold, ...)
+            flat = [_one(x, d) for x, d in zip(flat, lay.inputs)]
         args, kwargs = tree_unflatten(flat, saved.spec)
         outs = tree_leaves(functional_call(module, p, args, kwargs))
+        if lay.fold > 1:
+            return [outs[k] for k in saved.positions]
         return [outs[k].squeeze(d) for k, d in zip(saved.positions, lay.outputs)]
 
     def _per_sample(self, fn, params, saved: Saved, lay: Layout, extra=(), extra_dims=(),
                     out_dims: Any = 0):
         """vmap ``fn(params, sample inputs, *extra)`` over the batch; a loop where vmap fails."""
+        flat = [_unfold(x, lay.fold) if d is not None else x for x, d in zip(saved.flat, lay.inputs)]
+        extra = [[_unfold(t, lay.fold) for t in e] for e in extra]
         try:
             return vmap(fn, in_dims=(None, lay.inputs, *extra_dims), out_dims=out_dims,
-                        randomness="error")(params, saved.flat, *extra)
+                        randomness="error")(params, flat, *extra)
         except RuntimeError as err:
             if "random" in str(err):
                 raise Refusal(
                     "it draws random numbers in its forward (dropout in training mode?), so "
                     "its per-sample gradient cannot be replayed: set its dropout to 0"
                 ) from err
-            return self._loop(fn, params, saved, lay, extra, extra_dims)
+            return self._loop(fn, params, flat, lay, extra, extra_dims)
 
     @staticmethod
-    def _loop(fn, params, saved: Saved, lay: Layout, extra, extra_dims):
-        batch = next(x.shape[d] for x, d in zip(saved.flat, lay.inputs) if d is not None)
+    def _loop(fn, params, flat: list[Any], lay: Layout, extra, extra_dims):
+        sizes = [x.shape[d] for x, d in zip(flat, lay.inputs) if d is not None]
+        sizes += [t.shape[d] for e, ds in zip(extra, extra_dims) for t, d in zip(e, ds)]
         results = []
-        for i in range(batch):
-            pick = [x.select(d, i) if d is not None else x for x, d in zip(saved.flat, lay.inputs)]
+        for i in range(sizes[0]):
+            pick = [x.select(d, i) if d is not None else x for x, d in zip(flat, lay.inputs)]
             more = [[t.select(d, i) for t, d in zip(e, ds)] for e, ds in zip(extra, extra_dims)]
             results.append(fn(params, pick, *more))
         if isinstance(results[0], dict):
@@ -177,20 +217,81 @@ class GenericRule:
 
     def check(self, module: nn.Module, saved: Saved, batch: int) -> str | None:
         """Replay the module per sample; None if it reproduces the recorded outputs, else why not."""
-        lay = layout(module, saved, batch)
-        if all(d is None for d in lay.inputs):
-            if batch == 1:
-                return None  # one sample: its gradient is the whole gradient
+        try:
+            self.resolve(module, saved, batch)
+        except Refusal as err:
+            return str(err)
+        return None
+
+    def resolve(self, module: nn.Module, saved: Saved, batch: int) -> Layout:
+        """The layout whose per-sample replay reproduces the recorded outputs (proved once per
+        shapes); raise :class:`Refusal` when none does, or when two different ones do.
+
+        The hypothesis is "dim 0 of an input is the batch when its size is the batch size". When
+        that size also occurs elsewhere (T == B) and the replay refutes it, the inputs of that size
+        are tried as shared, fewest first: exactly one hypothesis must reproduce the outputs (BART's
+        (T,) decoder position index at T == B); a tie is ambiguous, and no search runs without a
+        collision (a batch input treated as shared would couple samples)."""
+        key = _shapes(saved, batch)
+        found = self._layouts.get(key)
+        if found is None:
+            found = self._layouts[key] = self._search(module, saved, batch)
+        if isinstance(found, str):
+            raise Refusal(found)
+        return found
+
+    def layout_of(self, module: nn.Module, saved: Saved, batch: int) -> Layout:
+        """The layout for a pass whose structure the probe proved: the proved one for these shapes,
+        else (new sequence length or batch size) the default one, which the probe's replay chose
+        for this structure -- unless the batch size collides, where only a replay decides."""
+        if _shapes(saved, batch) in self._layouts or _collides(saved, batch):
+            return self.resolve(module, saved, batch)
+        return layout(module, saved, batch)
+
+    def _search(self, module: nn.Module, saved: Saved, batch: int) -> Layout | str:
+        base = layout(module, saved, batch)
+        why = self._replays(module, saved, batch, base)
+        batched_inputs = [i for i, d in enumerate(base.inputs) if d is not None]
+        if (why is None or type(module) in KNOWN_LAYOUTS or not _collides(saved, batch)
+                or len(batched_inputs) > MAX_AMBIGUOUS):
+            return base if why is None else why
+        for r in range(1, len(batched_inputs) + 1):
+            passing = []
+            for shared in combinations(batched_inputs, r):
+                dims = [None if i in shared else d for i, d in enumerate(base.inputs)]
+                lay = Layout(dims, base.outputs, base.fold)
+                if self._replays(module, saved, batch, lay) is None:
+                    passing.append(lay)
+            if len(passing) > 1:
+                return (f"{len(passing)} different choices of which inputs carry the batch of size "
+                        f"{batch} each reproduce its output: the batch dim is not provable")
+            if passing:
+                return passing[0]
+        return why
+
+    def _replays(self, module: nn.Module, saved: Saved, batch: int, lay: Layout) -> str | None:
+        """None if replaying the module per sample under ``lay`` reproduces its outputs."""
+        shared = all(d is None for d in lay.inputs)
+        if shared and batch > 1 and not saved.broadcast:
             return "none of its inputs carries the batch (a broadcast call: its output is shared)"
         params = {n: p.detach() for n, p in module.named_parameters()}
-
-        def replay(p, flat):
-            return tuple(self._outputs(module, p, flat, saved, lay))
-
-        with torch.no_grad():
-            outs = self._per_sample(replay, params, saved, lay, out_dims=tuple(lay.outputs))
-        for got, want in zip(outs, saved.outputs):
+        try:
+            with torch.no_grad():
+                if shared:  # one call shared by every sample: its output once, for each of them
+                    args, kwargs = tree_unflatten(saved.flat, saved.spec)
+                    leaves = tree_leaves(functional_call(module, params, args, kwargs))
+                    outs = [leaves[k] for k in saved.positions]
+                else:
+                    outs = self._per_sample(
+                        lambda p, flat: tuple(self._outputs(module, p, flat, saved, lay)),
+                        params, saved, lay, out_dims=tuple(lay.outputs))
+                    outs = [o.flatten(0, 1) if lay.fold > 1 else o for o in outs]
+        except RuntimeError as err:  # a replay whose shapes do not fit: that layout is wrong
+            return f"replaying it one sample at a time fails ({str(err).splitlines()[0][:120]})"
+        for got, want in zip(outs, self._recorded(module, params, saved)):
             scale = want.abs().max().item() if want.numel() else 0.0
+            if shared and got.dim() == want.dim() and got.shape[0] == 1:
+                got = got.expand_as(want)
             if got.shape != want.shape or not torch.allclose(
                 got.to(want.dtype), want, rtol=1e-4, atol=1e-6 * max(scale, 1e-30)
             ):
@@ -201,13 +302,25 @@ class GenericRule:
                 )
         return None
 
+    @staticmethod
+    def _recorded(module: nn.Module, params: dict[str, Tensor], saved: Saved) -> list[Tensor]:
+        """The call's outputs; one modified in place since (Falcon's ``mlp_output +=
+        attention_output``) is computed again from the saved inputs."""
+        if all(o._version == v for o, v in zip(saved.outputs, saved.versions)):
+            return saved.outputs
+        args, kwargs = tree_unflatten(saved.flat, saved.spec)
+        with torch.no_grad():
+            again = tree_leaves(functional_call(module, params, args, kwargs))
+        return [o if o._version == v else again[k].expand_as(o)
+                for o, v, k in zip(saved.outputs, saved.versions, saved.positions)]
+
     def uses(
         self, module: nn.Module, saved: Saved, grads: list[Tensor], batch: int
     ) -> Iterator[tuple[nn.Parameter, Tensor]]:
         params = {n: p for n, p in module.named_parameters() if p.requires_grad}
         if not params:
             return
-        lay = layout(module, saved, batch)
+        lay = self.layout_of(module, saved, batch)
         frozen = {n: p.detach() for n, p in module.named_parameters() if not p.requires_grad}
 
         def sample_loss(p: dict[str, Tensor], flat: list[Any], gs: list[Tensor]) -> Tensor:
@@ -215,7 +328,7 @@ class GenericRule:
             return sum((o * g).sum() for o, g in zip(outs, gs))
 
         detached = {n: p.detach() for n, p in params.items()}
-        if all(d is None for d in lay.inputs):  # one sample (else refused by check)
+        if batch == 1 and all(d is None for d in lay.inputs):
 
             def whole_loss(p: dict[str, Tensor]) -> Tensor:
                 args, kwargs = tree_unflatten(saved.flat, saved.spec)
@@ -226,6 +339,7 @@ class GenericRule:
             for name, p in params.items():
                 yield p, whole[name].unsqueeze(0)
             return
+        # a broadcast call (no batched input) is vmapped over its output gradients alone
         per_sample = self._per_sample(
             grad(sample_loss), detached, saved, lay, (grads,), (lay.outputs,)
         )
