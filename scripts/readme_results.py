@@ -255,9 +255,8 @@ def main() -> int:
     chosen = [r for r in rows() if not args.row or r.number in args.row]
     if not args.run:
         for r in chosen:
-            how = "one run" if r.one_run else f"one run per seed {r.seeds}"
-            print(f"{r.number:>2}. {r.command}\n    seeds: {r.seeds_cell} ({how}"
-                  f"{', not bit-reproducible' if r.noisy else ''}); figures: "
+            how = "run once" if r.one_run else f"run once per seed of {r.seeds}"
+            print(f"{r.number:>2}. {r.command}\n    seeds: {r.seeds_cell} -> {how}; figures: "
                   f"{', '.join(map(str, r.figures))}")
         return 0
     failed = 0
