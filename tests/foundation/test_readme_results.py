@@ -32,6 +32,10 @@ def test_row_command_parses_and_states_its_seeds(row):
     assert row.figures, f"row {row.number}: no headline figure to check"
     if not row.one_run:  # a mean over seeds needs its interval; a bare figure is the same for all
         assert any(f.interval for f in row.figures), f"row {row.number}: no mean [interval]"
+    for f in row.figures:
+        if f.interval:
+            lo, hi = (float(e.rstrip("%")) for e in f.interval)
+            assert lo <= float(f.value.rstrip("%")) <= hi, f"row {row.number}: {f} is not inside"
     first, *rest = row.parts
     assert first[:2] == ["python", "train.py"], f"row {row.number}: starts with train.py"
     args = cli._train_parser().parse_args(row.argv(first, Path("RUN"), row.seeds[-1])[2:])
