@@ -240,7 +240,9 @@ def run_row(row: Row, keep: Path) -> tuple[list[str], float]:
         if (run_dir / DONE).is_file():
             continue
         for part in row.parts:
-            subprocess.run(row.argv(part, run_dir, seed), cwd=ROOT, check=True)
+            # the drivers' summaries go to stdout; errors (stderr) still show
+            subprocess.run(row.argv(part, run_dir, seed), cwd=ROOT, check=True,
+                           stdout=subprocess.DEVNULL)
         (run_dir / DONE).write_text(row.command + "\n")
     missing = check(row, [outputs(run_dir) for run_dir, _ in plan])
     return missing, time.perf_counter() - began
