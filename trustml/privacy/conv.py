@@ -9,7 +9,8 @@ So the rule needs only the layer's saved input and its output gradient: no secon
 * materialise: fold the batch into the channels, x (1, B*C_in, ...) and the output gradient
   (1, B*C_out, ...); then sample i is a group of its own and torch's grouped-convolution weight
   gradient is exactly the (B, *weight.shape) per-sample gradient -- no im2col copy (measured 1.5x
-  faster than unfold + bmm on the benchmark CNN), any ``groups``;
+  faster than unfold + bmm on the benchmark CNN), any ``groups``; a ~1 MiB chunk of samples per
+  call (:data:`CHUNK_ELEMENTS`), written into one preallocated result;
 * ghost (``groups == 1``, small output maps, wide channels): a
   :class:`~trustml.privacy.layers.Factored` Y_i^T P_i whose norm the clipper takes from L x L Gram
   matrices, exactly as for a linear layer (P from ``F.unfold``; 3-D via strided windows).
