@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from trustml.privacy import PerSampleClipper
+from trustml.privacy import conv as conv_rules
 from trustml.privacy.conv import ConvRule
 from trustml.privacy.layers import Factored, rule_for
 
@@ -166,3 +167,20 @@ def test_gram_path(case, strategy):
     uses = dict((id(p), u) for p, u in rule_for(conv).uses(conv, x, [g], shape[0]))
     assert isinstance(uses[id(conv.weight)], Factored)
     assert_exact(conv, x, strategy)
+
+
+@pytest.mark.parametrize("samples_per_chunk", [1, 2, 3])
+@pytest.mark.parametrize(
+    "build,shape",
+    [
+        (lambda: nn.Conv2d(4, 6, 3, stride=2, padding=1, dilation=2, groups=2), (5, 4, 7, 6)),
+        (lambda: nn.Conv1d(3, 4, 3, padding="same", padding_mode="reflect"), (5, 3, 9)),
+        (lambda: nn.Conv3d(2, 4, 2, padding=1, padding_mode="circular", groups=2), (5, 2, 3, 4, 3)),
+    ],
+)
+def test_materialised_in_chunks_of_samples(monkeypatch, build, shape, samples_per_chunk):
+    """Large layers are materialised a few samples at a time (the last chunk may be shorter)."""
+    torch.manual_seed(7)
+    conv = build()
+    monkeypatch.setattr(conv_rules, "CHUNK_ELEMENTS", conv.weight.numel() * samples_per_chunk)
+    assert_exact(conv, torch.randn(shape), "materialise")

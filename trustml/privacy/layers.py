@@ -204,15 +204,51 @@ class LayerNormRule(FirstInput):
             yield module.bias, g.reshape(batch, -1, size).sum(1).reshape(shape)
 
 
-class GroupNormRule(FirstInput):
+class GroupNormRule:
+    """GroupNorm's per-sample scale and shift gradients from autograd's own saved statistics.
+
+    Sample i's gradients are dW_i[c] = sum_s dy[i, c, s] xhat[i, c, s] and db_i[c] = sum_s dy[i, c, s].
+    Re-normalising the input to get xhat costs a second GroupNorm forward and a product, two
+    input-sized temporaries. Instead the rule keeps the group statistics (mean, rstd) that the
+    forward's autograd node saved for its own backward (no extra pass, two (B, groups) tensors) and
+    calls torch's GroupNorm backward kernel once with the batch folded into the channels: as one
+    sample of B*C channels in B*groups groups, that kernel's "batch-summed" scale and shift gradients
+    ARE the (B, C) per-sample ones -- computed exactly as torch computes its own, with no temporary.
+    When the output does not come straight from ``native_group_norm`` (an output the clipper
+    expanded from a batch-1 input, another torch build) the statistics are computed from the input
+    the way the forward does.
+    """
+
+    def save(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> tuple:
+        node = getattr(output, "grad_fn", None)
+        if type(node).__name__ == "NativeGroupNormBackward0" and node._saved_group == module.num_groups:
+            # the input the kernel consumed (after any autocast cast) and the statistics it saved
+            return node._saved_input.detach(), node._saved_result1.detach(), node._saved_result2.detach()
+        x = (args[0] if args else kwargs["input"]).detach()
+        _, mean, rstd = torch.native_group_norm(
+            x, None, None, x.shape[0], x.shape[1], x[0, 0].numel(), module.num_groups, module.eps
+        )
+        return x, mean, rstd
+
     def uses(self, module, saved, grads, batch):
+        weight, bias = _trainable(module.weight), _trainable(module.bias)
+        if not (weight or bias):
+            return
+        x, mean, rstd = saved
         g = grads[0]
-        x = batched(saved, batch).to(g.dtype)
-        xhat = F.group_norm(x, module.num_groups, eps=module.eps)
-        if _trainable(module.weight):
-            yield module.weight, (g * xhat).reshape(batch, module.num_channels, -1).sum(-1)
-        if _trainable(module.bias):
-            yield module.bias, g.reshape(batch, module.num_channels, -1).sum(-1)
+        channels, groups = batch * module.num_channels, batch * module.num_groups
+        if x.shape[0] != batch:  # a broadcast batch-1 input: its statistics are every sample's
+            x, mean, rstd = batched(x, batch), batched(mean, batch), batched(rstd, batch)
+        _, dw, db = torch.ops.aten.native_group_norm_backward(
+            g.reshape(1, channels, -1), x.to(g.dtype).reshape(1, channels, -1),
+            mean.reshape(1, groups), rstd.reshape(1, groups),
+            mean.new_ones(channels),  # only read for the input gradient, which is not asked for
+            1, channels, x[0, 0].numel(), groups, [False, True, True],
+        )
+        if weight:
+            yield module.weight, dw.view(batch, module.num_channels)
+        if bias:
+            yield module.bias, db.view(batch, module.num_channels)
 
 
 class EmbeddingBagRule:
