@@ -177,7 +177,9 @@ class DPStep:
             loss_sum += self._clip(model, objective, part, parts)
         norms = parts[0] if len(parts) == 1 else torch.cat(parts) if parts else torch.zeros(
             0, device=device)
-        overflow = bool(n) and not bool(torch.isfinite(norms).all())
+        # norms are >= 0, so their sum is finite iff each is (short of a sum past the dtype's
+        # range, itself an overflow): one reduction instead of isfinite + all
+        overflow = bool(n) and not math.isfinite(norms.sum().item())
         if self.world.distributed:
             loss_sum, n, overflow = self._sum_over_ranks(loss_sum, n, overflow)
         self._noise_and_step(skip=overflow)
@@ -234,13 +236,13 @@ class DPStep:
             # their .grad (views of it): the clipped sums are added in one fused op, and the
             # division and the all-reduce are one op each. Every parameter the optimizer can
             # update gets noise, including one the clipper gave no gradient (it gets noise only).
-            flat = torch.empty(sum(p.numel() for p in params), device=params[0].device,
-                               dtype=params[0].dtype)
+            sizes = [p.numel() for p in params]
+            flat = torch.empty(sum(sizes), device=params[0].device, dtype=params[0].dtype)
             if std > 0:
                 flat.normal_(0.0, std, generator=generator)
             else:
                 flat.zero_()
-            views = [v.view_as(p) for p, v in zip(params, flat.split([p.numel() for p in params]))]
+            views = [v.view(p.shape) for p, v in zip(params, flat.split_with_sizes(sizes))]
             clipped = [(v, p.grad) for p, v in zip(params, views) if p.grad is not None]
             if clipped:
                 targets, sums = zip(*clipped)
