@@ -72,25 +72,72 @@ class PrivacyAccountant:
         self._opacus.step(noise_multiplier=noise_multiplier, sample_rate=sample_rate)
 
     def epsilon(self, delta: float, extra: tuple[float, float, int] | None = None) -> float:
-        """Epsilon spent so far (plus ``extra`` = (sigma, q, steps) not yet taken), at ``delta``."""
+        """Epsilon spent so far (plus ``extra`` = (sigma, q, steps) not yet taken), at ``delta``.
+
+        Cached per (history, delta): asking again before the next step (the log, the evaluation,
+        the summary, the budget's look-ahead that the next step makes real) runs no analysis."""
+        return self.epsilon_of(self._with(extra), delta)
+
+    def epsilon_of(self, history: list[tuple[float, float, int]], delta: float) -> float:
+        """Epsilon of ``history`` (e.g. a snapshot of :attr:`history`), cached like :meth:`epsilon`."""
+        key = (tuple(history), delta)
+        if key not in self._cache:
+            if len(self._cache) >= 8:
+                self._cache.pop(next(iter(self._cache)))
+            self._cache[key] = self._compute(list(history), delta)
+        return self._cache[key]
+
+    def steps_within(self, budget: float, delta: float, sigma: float, q: float) -> int:
+        """The most further steps of (``sigma``, ``q``) after which epsilon stays <= ``budget``.
+
+        Exactly the count of steps that a look-ahead check before each step (``epsilon(delta,
+        extra=(sigma, q, 1)) <= budget``) would allow: RDP epsilon is monotone in the step count
+        (every order's RDP grows with it, and so does their minimum after the conversion, in
+        floating point too), and each probe evaluates the very history that check would. Found
+        by doubling then bisection (~2 log2(k) analyses, once) so a caller can count steps
+        instead of converting RDP to epsilon before every step. RDP only: PRV's numerical
+        epsilon is not provably monotone. Capped at 2**40 (then all 2**40 steps do fit)."""
+        if self.kind != "rdp":
+            raise ValueError("steps_within needs the rdp accountant (PRV is checked per step)")
+
+        def fits(more: int) -> bool:
+            return self._compute(self._with((sigma, q, more)), delta) <= budget
+
+        with warnings.catch_warnings():
+            # probes far past the budget (2**k steps) are optimal at Opacus's smallest order and
+            # it warns about that probe, not about any epsilon this run spends: only that is off
+            warnings.filterwarnings("ignore", message="Optimal order is the smallest alpha",
+                                    category=UserWarning)
+            if not fits(0):
+                return 0
+            low, high = 0, 1  # fits(low) holds
+            while fits(high):
+                if high >= 2**40:
+                    return high
+                low, high = high, 2 * high
+            while high - low > 1:
+                middle = (low + high) // 2
+                low, high = (middle, high) if fits(middle) else (low, middle)
+        return low
+
+    def _with(self, extra: tuple[float, float, int] | None) -> list[tuple[float, float, int]]:
+        """The history after ``extra`` more steps, in the form Opacus will store it."""
         history = self.history
         if extra is not None and extra[2] > 0:
-            if history and tuple(history[-1][:2]) == tuple(extra[:2]):  # the form Opacus will store
+            if history and tuple(history[-1][:2]) == tuple(extra[:2]):
                 history[-1] = (extra[0], extra[1], history[-1][2] + extra[2])
             else:
                 history.append(tuple(extra))
+        return history
+
+    def _compute(self, history: list[tuple[float, float, int]], delta: float) -> float:
         if not history:
             return 0.0
         if self.kind == "rdp":
             return self._rdp_epsilon(history, delta)
-        key = (tuple(history), delta)
-        if key not in self._cache:
-            probe = create_accountant(self.kind)
-            probe.history = history
-            if len(self._cache) >= 4:  # the loop asks for now and for one step ahead
-                self._cache.pop(next(iter(self._cache)))
-            self._cache[key] = float(probe.get_epsilon(delta=delta))
-        return self._cache[key]
+        probe = create_accountant(self.kind)
+        probe.history = history
+        return float(probe.get_epsilon(delta=delta))
 
     def _rdp_epsilon(self, history: list[tuple[float, float, int]], delta: float) -> float:
         """Opacus's RDPAccountant.get_privacy_spent, with the one-step RDP curve of each (sigma, q)

@@ -4,6 +4,11 @@ One logical (Poisson-sampled) batch -> physical batches through the clipper (cli
 -> one Gaussian noise draw N(0, sigma^2 C^2) per coordinate -> division by the EXPECTED batch size
 (dividing by the realised size would leak it) -> optimizer step -> one accountant step.
 
+Per-step bookkeeping stays off the critical path: the noise of all parameters is one draw into
+one flat buffer (the clipped sums are added to it in one fused op, and it becomes the ``.grad``
+views), the epsilon budget is checked by counting steps against a limit found once, and epsilon
+is computed only when a step is logged (cached per accountant history).
+
 The noised set is re-read from the optimizer at every step (a parameter unfrozen later is clipped
 and noised from that step on; one frozen later is left alone). The first batch is self-checked
 against the naive per-sample loop (:mod:`trustml.privacy.verify`). A physical batch whose size
@@ -27,6 +32,8 @@ from __future__ import annotations
 
 import math
 import secrets
+from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import torch
@@ -51,6 +58,22 @@ def split(batch: dict[str, torch.Tensor], size: int | None) -> list[dict[str, to
     if size is None or n <= size:
         return [batch]
     return [{k: v[i : i + size] for k, v in batch.items()} for i in range(0, n, size)]
+
+
+def _by_device_and_dtype(params: list[nn.Parameter]) -> list[list[nn.Parameter]]:
+    """``params`` grouped by (device, dtype), in order: one noise buffer per group."""
+    groups: dict[tuple, list[nn.Parameter]] = {}
+    for p in params:
+        groups.setdefault((p.device, p.dtype), []).append(p)
+    return list(groups.values())
+
+
+def _clipped_fraction(norms: torch.Tensor, max_grad_norm: float) -> float:
+    return (norms > max_grad_norm).float().mean().item() if len(norms) else 0.0
+
+
+def _median(norms: torch.Tensor) -> float:
+    return norms.median().item() if len(norms) else 0.0
 
 
 class DPStep:
@@ -103,12 +126,13 @@ class DPStep:
         self.world = world
         self.verify = verify
         self.verification: Verification | None = None
+        self._limit: tuple[tuple, int] | None = None  # (what it depends on, step limit)
 
     def _trainable(self) -> list[torch.nn.Parameter]:
         return [p for g in self.optimizer.param_groups for p in g["params"] if p.requires_grad]
 
     def exhausted(self) -> str | None:
-        if self.epsilon_budget is None:
+        if self.epsilon_budget is None or self.accountant.steps < self._step_limit():
             return None
         after = self.accountant.epsilon(
             self.delta, extra=(self.noise_multiplier, self.sample_rate, 1)
@@ -118,9 +142,28 @@ class DPStep:
                     f"> {self.epsilon_budget}")
         return None
 
+    def _step_limit(self) -> int:
+        """The accountant step count below which one more step surely stays within the budget:
+        :meth:`exhausted` then decides by counting, with exactly the decisions of the per-step
+        look-ahead (:meth:`PrivacyAccountant.steps_within`). Found again only when what it
+        depends on changes: the history before this run of (sigma, q) (a resume), sigma (a
+        recalibration), q, delta or the budget. 0 with PRV, whose epsilon is checked per step."""
+        if self.accountant.kind != "rdp":
+            return 0
+        history = self.accountant.history
+        ours = (self.noise_multiplier, self.sample_rate)
+        current = history.pop()[2] if history and tuple(history[-1][:2]) == ours else 0
+        key = (tuple(history), ours, self.delta, self.epsilon_budget)
+        if self._limit is None or self._limit[0] != key:
+            more = self.accountant.steps_within(self.epsilon_budget, self.delta, *ours)
+            self._limit = (key, sum(n for _, _, n in history) + current + more)
+        return self._limit[1]
+
     def step(
         self, model: nn.Module, objective: Any, batch: dict[str, torch.Tensor]
-    ) -> dict[str, float]:
+    ) -> dict[str, float | Callable[[], float]]:
+        """One DP-SGD update; epsilon, the clipped fraction and the median norm are returned as
+        zero-argument callables that compute them only when the loop logs the step."""
         if model is not self.clipper.model:
             raise ValueError("DPStep.step got a different model from the one made private")
         self.optimizer.zero_grad(set_to_none=True)
@@ -129,24 +172,27 @@ class DPStep:
         n = batch_size(batch)
         if self.verify and self.verification is None and n:
             self.verification = verify(model, objective, batch, self.clipper)
-        loss_sum, norms = 0.0, []
+        loss_sum, parts = 0.0, []
         for part in split(batch, self.physical_batch_size) if n else []:
-            loss_sum += self._clip(model, objective, part, norms)
-        norms = torch.cat(norms) if norms else torch.zeros(0, device=device)
-        overflow = not bool(torch.isfinite(norms).all())
+            loss_sum += self._clip(model, objective, part, parts)
+        norms = parts[0] if len(parts) == 1 else torch.cat(parts) if parts else torch.zeros(
+            0, device=device)
+        # norms are >= 0, so their sum is finite iff each is (short of a sum past the dtype's
+        # range, itself an overflow): one reduction instead of isfinite + all
+        overflow = bool(n) and not math.isfinite(norms.sum().item())
         if self.world.distributed:
             loss_sum, n, overflow = self._sum_over_ranks(loss_sum, n, overflow)
         self._noise_and_step(skip=overflow)
         self.accountant.step(
             self.noise_multiplier, self.sample_rate
         )  # a skipped step is still charged
-        clipped = (norms > self.clipper.max_grad_norm).float().mean().item() if n else 0.0
+        spent = partial(self.accountant.epsilon_of, self.accountant.history, self.delta)
         return {
             "loss": loss_sum / n if n else math.nan,
             "batch_size": float(n),
-            "epsilon": self.accountant.epsilon(self.delta),
-            "clipped_fraction": clipped,
-            "grad_norm_median": norms.median().item() if n else 0.0,
+            "epsilon": spent,
+            "clipped_fraction": partial(_clipped_fraction, norms, self.clipper.max_grad_norm),
+            "grad_norm_median": partial(_median, norms),
         }
 
     def _clip(self, model: nn.Module, objective: Any, part: dict, norms: list) -> float:
@@ -185,21 +231,27 @@ class DPStep:
         if std > 0 and generator is None:  # secure: a fresh secret seed for this step only
             generator = torch.Generator(device=self.params[0].device)
             generator.manual_seed(secrets.randbits(64))
-        for p in self.params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
+        for params in _by_device_and_dtype(self.params):
+            # One draw for every coordinate of these parameters, into one flat buffer that becomes
+            # their .grad (views of it): the clipped sums are added in one fused op, and the
+            # division and the all-reduce are one op each. Every parameter the optimizer can
+            # update gets noise, including one the clipper gave no gradient (it gets noise only).
+            sizes = [p.numel() for p in params]
+            flat = torch.empty(sum(sizes), device=params[0].device, dtype=params[0].dtype)
             if std > 0:
-                noise = torch.randn(
-                    p.shape, generator=generator, device=p.device, dtype=p.dtype
-                )
-                p.grad.add_(noise, alpha=std)
-        if self.world.distributed:
-            flat = torch.cat([p.grad.reshape(-1) for p in self.params])
-            all_reduce_sum(flat, self.world)
-            for p, chunk in zip(self.params, flat.split([p.numel() for p in self.params])):
-                p.grad.copy_(chunk.view_as(p))
-        for p in self.params:
-            p.grad.div_(self.expected_batch_size)
+                flat.normal_(0.0, std, generator=generator)
+            else:
+                flat.zero_()
+            views = [v.view(p.shape) for p, v in zip(params, flat.split_with_sizes(sizes))]
+            clipped = [(v, p.grad) for p, v in zip(params, views) if p.grad is not None]
+            if clipped:
+                targets, sums = zip(*clipped)
+                torch._foreach_add_(list(targets), list(sums))
+            if self.world.distributed:
+                all_reduce_sum(flat, self.world)
+            flat.div_(self.expected_batch_size)
+            for p, v in zip(params, views):
+                p.grad = v
         self.optimizer.step()
 
     def state_dict(self) -> dict[str, Any]:

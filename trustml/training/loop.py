@@ -62,6 +62,12 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
+def resolved(metrics: dict[str, Any]) -> dict[str, Any]:
+    """A step's metrics with its lazy values (zero-argument callables, e.g. a DP step's epsilon)
+    computed: only the steps that are logged pay for them."""
+    return {k: v() if callable(v) else v for k, v in metrics.items()}
+
+
 class MetricsLog:
     """Append-only ``metrics.jsonl``: one JSON object per logged step or finished epoch."""
 
@@ -217,11 +223,13 @@ def fit(model: nn.Module, objective, step, batches, *, epochs: int, run_dir: str
             done += 1
             bad = non_finite(last)
             if bad:
-                log.write({"event": "diverged", "step": global_step, "epoch": epoch, **last})
+                log.write({"event": "diverged", "step": global_step, "epoch": epoch,
+                           **resolved(last)})
                 raise TrainingDiverged(
                     f"training stopped at step {global_step} (epoch {epoch + 1}): {bad}; lower "
                     "train.lr or check the data (the last checkpoint, if any, is intact)")
             if global_step % log_every == 0:
+                last = resolved(last)
                 log.write({"step": global_step, "epoch": epoch, **last})
                 bar.set_postfix({k: f"{v:.4g}" for k, v in last.items()})
             if max_steps is not None and global_step >= max_steps:
@@ -235,12 +243,13 @@ def fit(model: nn.Module, objective, step, batches, *, epochs: int, run_dir: str
                 show(record)
             if checkpoint_steps and global_step % checkpoint_steps == 0 and mid_epoch:
                 # the log holds the same position, which a resume cross-checks
+                last = resolved(last)
                 log.write({"epoch": epoch + 1, "step": global_step, "partial_batches": done,
                            **last})
                 checkpoint(epoch, done)
         bar.close()
         complete = not stopped or done >= per_epoch
-        record = {"epoch": epoch + 1, "step": global_step, **last,
+        record = {"epoch": epoch + 1, "step": global_step, **resolved(last),
                   **(evaluate() if evaluate else {})}
         if complete:
             history.append(record)
