@@ -74,8 +74,10 @@ class Row:
 def gpt2(n_layer: int, n_embd: int, vocab: int, positions: int = 1024) -> nn.Module:
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    config = GPT2Config(n_layer=n_layer, n_embd=n_embd, n_head=n_embd // 64, vocab_size=vocab,
-                        n_positions=positions, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    special = min(50256, vocab - 1)  # GPT-2's <|endoftext|>, kept inside a smaller vocabulary
+    config = GPT2Config(n_layer=n_layer, n_embd=n_embd, n_head=max(n_embd // 64, 1),
+                        vocab_size=vocab, n_positions=positions, bos_token_id=special,
+                        eos_token_id=special, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     return GPT2LMHeadModel(config)
 
 
@@ -491,7 +493,7 @@ def mib(memory, key: str) -> float | None:
     return memory[key] if isinstance(memory, dict) else None
 
 
-def table(results: list[dict], device: torch.device, args) -> str:
+def table(results: list[dict]) -> str:
     lines = [
         "| model | method | step ms | time x plain (IQR) | tokens/s | steady peak growth MiB "
         "| memory x plain | first-step peak MiB | note |",
@@ -568,6 +570,8 @@ def estimate(keys: list[str], methods: list[str], args) -> float:
             steps += warmup_of(key, args) + 1
         failed_tries = sum(1 for m in ran if METHODS[m].peer) if row.kind in ("lm", "cls") else 0
         total += row.plain_s * (sum(METHODS[m].cost for m in ran) * steps + 2.5 * failed_tries)
+        if "trustml" in ran:  # first step: probe and float64 self-check, in each process
+            total += row.plain_s * 6.0 * (2 if args.memory else 1)
         total += (8.0 if args.memory else 0.0) * len(ran) + 3.0 * len(ran)  # imports, builds
     return total / (50.0 if args.device == "cuda" else 1.0)
 
@@ -609,31 +613,35 @@ def main() -> None:
     print(f"estimated run time: ~{estimate(keys, methods, args) / 60:.0f} min of CPU time "
           "(2-core VM, one thread; wall clock grows with the machine's load)", flush=True)
     t0, results = time.monotonic(), []
-    for key in keys:
+    for done, key in enumerate(keys, 1):
         print(f"{key}: {ROWS[key].title}", flush=True)
         results += run_row(key, methods, device, args)
+        text = report(results, keys[:done], device, args, time.monotonic() - t0)
+        if args.out:  # after every row, so a long run that is stopped keeps what it measured
+            args.out.write_text(text + ("\n" if done == len(keys) else "\n\n(partial)\n"))
+    print()
+    print(text)
+
+
+def report(results: list[dict], keys: list[str], device: torch.device, args, seconds: float
+           ) -> str:
     versions = {name: __import__(name).__version__ for name in ("torch", "transformers", "opacus")}
     load = os.getloadavg()
     where = (f"CPU, {torch.get_num_threads()} thread(s), CPU time (time.process_time)"
              if device.type == "cpu" else f"{torch.cuda.get_device_name()}, wall clock, amp={args.amp}")
-    text = "\n".join([
+    return "\n".join([
         "    " + " ".join(["python", *sys.argv]),
         "",
         ", ".join(f"{k} {v}" for k, v in versions.items())
         + f"; {where}; per-row warm-up / rounds: "
         + ", ".join(f"{k} {warmup_of(k, args)}/{repeats_of(k, args)}" for k in keys)
         + f"; load average {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (1 / 5 / 15 min) at the "
-        f"end; {(time.monotonic() - t0) / 60:.0f} min wall clock",
+        f"end; {seconds / 60:.0f} min wall clock",
         "",
-        table(results, device, args),
+        table(results),
         "",
         targets(results),
     ])
-    print()
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
-
 
 if __name__ == "__main__":
     main()
