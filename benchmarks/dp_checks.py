@@ -7,6 +7,7 @@
 Both run once per run (the probe again only when the pass's signature changes), never per step.
 
     python benchmarks/dp_checks.py --repeats 5
+    python benchmarks/dp_checks.py --rows gpt2v50k,cnn   # any row of dp_step.py
 """
 
 from __future__ import annotations
@@ -21,18 +22,17 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from dp_step import CASES, Batch, lm_objective, make_batch, mlp_objective  # noqa: E402
+from dp_step import ROWS, Row, Rows, make_batch, objective_for  # noqa: E402
 from trustml.privacy import make_private  # noqa: E402
 
 
-def first_and_warm(factory, kind, batch, verify: bool, repeats: int) -> tuple[float, float]:
+def first_and_warm(row: Row, batch, verify: bool, repeats: int) -> tuple[float, float]:
     torch.manual_seed(0)
-    model = factory()
+    model = row.build()
     opt = torch.optim.SGD(model.parameters(), lr=1e-4)
-    size = len(next(iter(batch.values())))
-    dp = make_private(model, opt, Batch(batch), noise_multiplier=1.0, target_delta=1e-5, epochs=1,
-                      max_grad_norm=1.0, batch_size=size, verify=verify)
-    objective = lm_objective() if kind == "lm" else mlp_objective
+    dp = make_private(model, opt, Rows(batch), noise_multiplier=1.0, target_delta=1e-5, epochs=1,
+                      max_grad_norm=1.0, batch_size=row.batch, verify=verify)
+    objective = objective_for(row, explicit_ids=False)
     t0 = time.perf_counter()
     dp.step.step(model, objective, batch)
     first = time.perf_counter() - t0
@@ -46,19 +46,19 @@ def first_and_warm(factory, kind, batch, verify: bool, repeats: int) -> tuple[fl
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cases", default="a,b")
+    parser.add_argument("--rows", default="gpt2v8k,mlp256", help=f"comma list of {', '.join(ROWS)}")
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     print("| case | warm step ms | first step extra: probe (x step) "
           "| probe + self-check (x step) |")
     print("| --- | ---: | ---: | ---: |")
-    for key in args.cases.split(","):
-        title, factory, kind, size, seq = CASES[key]
-        batch = make_batch(kind, size, seq, torch.device("cpu"))
-        probe_first, warm = first_and_warm(factory, kind, batch, False, args.repeats)
-        both_first, warm2 = first_and_warm(factory, kind, batch, True, args.repeats)
+    for key in args.rows.split(","):
+        row = ROWS[key]
+        batch = make_batch(row, torch.device("cpu"))
+        probe_first, warm = first_and_warm(row, batch, False, args.repeats)
+        both_first, warm2 = first_and_warm(row, batch, True, args.repeats)
         step = statistics.median([warm, warm2])
-        print(f"| {title} | {step * 1e3:.1f} | {(probe_first - step) / step:.2f} "
+        print(f"| {row.title} | {step * 1e3:.1f} | {(probe_first - step) / step:.2f} "
               f"| {(both_first - step) / step:.2f} |")
 
 

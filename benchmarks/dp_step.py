@@ -1,203 +1,324 @@
-"""Benchmark one training step: non-private vs trustml DP-SGD vs Opacus, in one process.
+"""Benchmark one DP-SGD step against the non-private step and the peers, model family by family.
 
-Cases: (a) tiny GPT-2 (4 layers, 256 wide, 4 heads, vocab 50257, batch 16 x 64 tokens),
-(b) the Adult-sized MLP (~100 features, hidden [64, 32], batch 256), (c) GPT-2 small (124M, T=512,
-CUDA only). Each method gets a fresh, identically initialised model; the table reports the median
-step time over ``--repeats`` steps after ``--warmup`` steps and the step's peak working memory
-(peak during the step minus memory before it: CUDA allocator stats, or the process's peak RSS on
-CPU with glibc's mmap threshold pinned so freed tensors leave RSS). Ratios are against the
-non-private step. Opacus runs in ``hooks`` mode with explicit batch-sized ``position_ids`` (its
-hooks crash on GPT-2's default broadcast ones); its ghost-clipping mode is tried and its failure
-recorded.
+Rows (``--rows``; default every row the device runs): GPT-2 4x256 with an 8000-token and the real
+50257-token vocabulary, GPT-2 small (12x768), BERT 4x256 (sequence classification), a CNN of three
+Conv2d + GroupNorm blocks on 32x32 images, the Adult-sized MLP (Adam at batch 256, SGD at 1024);
+with ``--device cuda`` also GPT-2 small at T=512 (``--amp bf16`` for autocast).
 
-    python benchmarks/dp_step.py                    # (a) and (b) on CPU
-    python benchmarks/dp_step.py --device cuda      # (a), (b), (c) on GPU
+Methods (``--methods``): the non-private step (``PlainStep``); trustml (``make_private(...).step``:
+the Poisson-batch step with exact per-sample clipping, noise and RDP accounting, on the untouched
+model); Opacus ``GradSampleModule`` in hooks and functorch modes with ``DPOptimizer``; Opacus ghost
+clipping (``GradSampleModuleFastGradientClipping``); fastDP and private-transformers when they
+import. Every peer runs the untouched model first; when that fails on a transformer, the failure is
+kept and the peer is run again with the usual workaround, explicit batch-sized *contiguous*
+``position_ids`` (and BERT's ``token_type_ids``), and the table says so.
+
+Time: CPU time of the process (``time.process_time``: other jobs on a shared machine do not count),
+one thread by default; every method built in ONE process and stepped round-robin (warm-up, then
+``--repeats`` rounds). "time x plain" is the median over rounds of the method's time over the plain
+step's time in the same round (the interquartile range beside it). On CUDA, synchronised wall clock.
+Memory: every method again in its OWN subprocess; peak growth over the memory held once the model,
+the method's wrappers and the batch are built (RSS high-water mark with glibc's mmap threshold pinned
+on CPU, ``torch.cuda.max_memory_allocated`` on CUDA): of a steady step after warm-up (what training
+pays every step, including what the previous step left held), and of the first step (trustml's
+one-time probe and float64 self-check, Opacus's first allocations).
+
+    python benchmarks/dp_step.py --out dp_step.md                 # every CPU row (prints an estimate)
+    python benchmarks/dp_step.py --rows cnn,mlp256 --repeats 9    # a subset
+    python benchmarks/dp_step.py --device cuda --rows gpt2small512 --amp bf16
 """
 
 from __future__ import annotations
 
 import argparse
 import ctypes
+import importlib.util
+import json
+import os
 import statistics
+import subprocess
 import sys
 import time
 import traceback
+import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import GPT2Config, GPT2LMHeadModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from trustml.privacy import make_private
+from trustml.privacy import make_private  # noqa: E402
+from trustml.training.step import PlainStep  # noqa: E402
 
 
-class Out:  # the objective contract: .losses (B,)
-    def __init__(self, losses):
-        self.losses, self.outputs = losses, {}
+@dataclass(frozen=True)
+class Row:
+    title: str
+    build: Callable[[], nn.Module]
+    kind: str  # lm | cls (sequence classification) | image | tabular
+    batch: int
+    seq: int | None = None
+    vocab: int = 50257
+    adam: bool = False
+    cuda_only: bool = False
+    plain_s: float = 1.0  # plain step, CPU seconds at one thread on the 2-core VM (for the estimate)
+    warmup: int = 1
+    repeats: int = 3
+    time_target: float | None = None  # issue 13's targets, ratio to the plain step
+    memory_target: float | None = None
 
 
-def lm_objective(position_ids: bool = False):
-    def objective(model, batch):
-        ids = batch["input_ids"]
-        kw = (
-            {"position_ids": torch.arange(ids.shape[1], device=ids.device).expand_as(ids)}
-            if position_ids
-            else {}
-        )
-        logits = model(input_ids=ids, **kw).logits[:, :-1]
-        losses = F.cross_entropy(
-            logits.flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="none"
-        )
-        return Out(losses.view(ids.shape[0], -1).mean(1))
+def gpt2(n_layer: int, n_embd: int, vocab: int, positions: int = 1024) -> nn.Module:
+    from transformers import GPT2Config, GPT2LMHeadModel
 
-    return objective
-
-
-def mlp_objective(model, batch):
-    return Out(F.cross_entropy(model(batch["x"]), batch["y"], reduction="none"))
-
-
-class Batch(torch.utils.data.Dataset):
-    """A dataset that is just the benchmark batch (make_private wants one to size its sampler)."""
-
-    def __init__(self, batch):
-        self.batch = batch
-
-    def __len__(self):
-        return len(next(iter(self.batch.values())))
-
-    def __getitem__(self, i):
-        return {k: v[i] for k, v in self.batch.items()}
-
-
-def gpt2(n_layer, n_embd, n_head, n_positions):
-    config = GPT2Config(
-        n_layer=n_layer,
-        n_embd=n_embd,
-        n_head=n_head,
-        n_positions=n_positions,
-        vocab_size=50257,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-    )
+    special = min(50256, vocab - 1)  # GPT-2's <|endoftext|>, kept inside a smaller vocabulary
+    config = GPT2Config(n_layer=n_layer, n_embd=n_embd, n_head=max(n_embd // 64, 1),
+                        vocab_size=vocab, n_positions=positions, bos_token_id=special,
+                        eos_token_id=special, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     return GPT2LMHeadModel(config)
 
 
-def mlp():
-    return nn.Sequential(
-        nn.Linear(100, 64), nn.ReLU(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 2)
-    )
+def bert() -> nn.Module:
+    from transformers import BertConfig, BertForSequenceClassification
+
+    config = BertConfig(hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
+                        intermediate_size=1024, hidden_dropout_prob=0.0,
+                        attention_probs_dropout_prob=0.0, num_labels=2)
+    return BertForSequenceClassification(config)
 
 
-CASES = {
-    "a": ("tiny GPT-2 (4x256, V=50257, B=16, T=64)", lambda: gpt2(4, 256, 4, 64), "lm", 16, 64),
-    "b": ("Adult MLP (100-64-32-2, B=256)", mlp, "mlp", 256, None),
-    "c": ("GPT-2 small (124M, B=8, T=512)", lambda: gpt2(12, 768, 12, 1024), "lm", 8, 512),
+def cnn() -> nn.Module:
+    layers, c_in = [], 3
+    for c_out in (32, 64, 64):
+        layers += [nn.Conv2d(c_in, c_out, 3, padding=1), nn.GroupNorm(8, c_out), nn.ReLU(),
+                   nn.AvgPool2d(2)]
+        c_in = c_out
+    return nn.Sequential(*layers, nn.Flatten(), nn.Linear(64 * 4 * 4, 10))
+
+
+def mlp() -> nn.Module:
+    return nn.Sequential(nn.Linear(100, 64), nn.ReLU(), nn.Linear(64, 32), nn.ReLU(),
+                         nn.Linear(32, 2))
+
+
+ROWS = {
+    "gpt2v8k": Row("GPT-2 4x256, V=8000, B=16, T=64", lambda: gpt2(4, 256, 8000), "lm", 16, 64,
+                   8000, plain_s=1.4, time_target=1.12, memory_target=1.05),
+    "gpt2v50k": Row("GPT-2 4x256, V=50257, B=8, T=128", lambda: gpt2(4, 256, 50257), "lm", 8, 128,
+                    plain_s=4.4, memory_target=1.05),
+    "gpt2small": Row("GPT-2 small 12x768, B=4, T=128", lambda: gpt2(12, 768, 50257), "lm", 4, 128,
+                     plain_s=10.0, time_target=1.12, memory_target=1.05),
+    "bert": Row("BERT 4x256 (classifier), B=16, T=128", bert, "cls", 16, 128, 30522, plain_s=1.5,
+                time_target=1.15, memory_target=1.05),
+    "cnn": Row("CNN 3x(Conv2d+GroupNorm), B=64, 32x32", cnn, "image", 64, plain_s=0.27,
+               warmup=2, repeats=9, time_target=1.35, memory_target=1.15),
+    "mlp256": Row("Adult MLP 100-64-32-2, B=256 (Adam)", mlp, "tabular", 256, adam=True,
+                  plain_s=0.004, warmup=5, repeats=41, time_target=1.30),
+    "mlp1024": Row("Adult MLP 100-64-32-2, B=1024", mlp, "tabular", 1024, plain_s=0.006,
+                   warmup=5, repeats=41),
+    "gpt2small512": Row("GPT-2 small 12x768, B=8, T=512", lambda: gpt2(12, 768, 50257), "lm", 8,
+                        512, cuda_only=True, plain_s=0.15, warmup=3, repeats=10,
+                        time_target=1.10, memory_target=1.05),
 }
 
 
-# ---- methods: each returns a zero-argument step function -----------------------------------
+# ---- data and objectives (the trustml contract: objective(model, batch).losses is (B,)) ---------
 
 
-def non_private(model, batch, kind, amp):
-    from trustml.training.step import PlainStep
+class Out:
+    def __init__(self, losses: torch.Tensor):
+        self.losses, self.outputs = losses, {}
 
-    step = PlainStep(torch.optim.SGD(model.parameters(), lr=1e-4), amp=amp)
-    objective = lm_objective() if kind == "lm" else mlp_objective
+
+def make_batch(row: Row, device: torch.device) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    b = row.batch
+    if row.kind in ("lm", "cls"):
+        batch = {"input_ids": torch.randint(0, row.vocab, (b, row.seq), generator=g)}
+        if row.kind == "cls":
+            batch["y"] = torch.randint(0, 2, (b,), generator=g)
+    elif row.kind == "image":
+        batch = {"x": torch.randn(b, 3, 32, 32, generator=g),
+                 "y": torch.randint(0, 10, (b,), generator=g)}
+    else:
+        batch = {"x": torch.randn(b, 100, generator=g), "y": torch.randint(0, 2, (b,), generator=g)}
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def objective_for(row: Row, explicit_ids: bool) -> Callable:
+    """Per-sample losses; ``explicit_ids`` passes batch-sized contiguous position (and token type)
+    ids, the peers' workaround for per-sample gradients of position embeddings."""
+
+    def ids_kwargs(ids: torch.Tensor) -> dict:
+        if not explicit_ids:
+            return {}
+        kw = {"position_ids": torch.arange(ids.shape[1], device=ids.device).repeat(len(ids), 1)}
+        if row.kind == "cls":
+            kw["token_type_ids"] = torch.zeros_like(ids)
+        return kw
+
+    def lm(model, batch):
+        ids = batch["input_ids"]
+        logits = model(input_ids=ids, **ids_kwargs(ids)).logits[:, :-1]
+        losses = F.cross_entropy(logits.flatten(0, 1).float(), ids[:, 1:].flatten(),
+                                 reduction="none")
+        return Out(losses.view(ids.shape[0], -1).mean(1))
+
+    def cls(model, batch):
+        ids = batch["input_ids"]
+        logits = model(input_ids=ids, **ids_kwargs(ids)).logits
+        return Out(F.cross_entropy(logits.float(), batch["y"], reduction="none"))
+
+    def plain(model, batch):
+        return Out(F.cross_entropy(model(batch["x"]), batch["y"], reduction="none"))
+
+    return {"lm": lm, "cls": cls}.get(row.kind, plain)
+
+
+class Rows(torch.utils.data.Dataset):
+    """The benchmark batch as a dataset (make_private sizes its Poisson sampler from it)."""
+
+    def __init__(self, batch: dict[str, torch.Tensor]):
+        self.batch = batch
+
+    def __len__(self) -> int:
+        return len(next(iter(self.batch.values())))
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {k: v[i] for k, v in self.batch.items()}
+
+
+# ---- methods: (model, batch, row, amp, explicit_ids) -> zero-argument step function ---------------
+
+
+def optimizer(params, row: Row) -> torch.optim.Optimizer:
+    return torch.optim.Adam(params, lr=1e-4) if row.adam else torch.optim.SGD(params, lr=1e-4)
+
+
+def amp_context(device: torch.device, amp: str):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp == "bf16")
+
+
+def device_of(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def non_private(model, batch, row, amp, explicit_ids):
+    step = PlainStep(optimizer(model.parameters(), row), amp=amp)
+    objective = objective_for(row, explicit_ids)
     return lambda: step.step(model, objective, batch)
 
 
-def trustml_dp(model, batch, kind, amp):
-    opt = torch.optim.SGD(model.parameters(), lr=1e-4)
-    dp = make_private(
-        model,
-        opt,
-        Batch(batch),
-        noise_multiplier=1.0,
-        target_delta=1e-5,
-        epochs=1,
-        max_grad_norm=1.0,
-        batch_size=len(next(iter(batch.values()))),
-        amp=amp,
-    )
-    objective = lm_objective() if kind == "lm" else mlp_objective
+def trustml_dp(model, batch, row, amp, explicit_ids):
+    dp = make_private(model, optimizer(model.parameters(), row), Rows(batch), noise_multiplier=1.0,
+                      target_delta=1e-5, epochs=1, max_grad_norm=1.0, batch_size=row.batch, amp=amp)
+    objective = objective_for(row, explicit_ids)
     return lambda: dp.step.step(model, objective, batch)
 
 
-def opacus_dp(model, batch, kind, amp, mode="hooks", positions=True):
-    from opacus.grad_sample import GradSampleModule
-    from opacus.optimizers import DPOptimizer
-
-    size = len(next(iter(batch.values())))
-    if mode == "ghost":
-        return opacus_ghost(model, batch, size)
-    gsm = GradSampleModule(model, batch_first=True, loss_reduction="mean")
-    opt = DPOptimizer(
-        torch.optim.SGD(gsm.parameters(), lr=1e-4),
-        noise_multiplier=1.0,
-        max_grad_norm=1.0,
-        expected_batch_size=size,
-    )
-    objective = lm_objective(position_ids=positions) if kind == "lm" else mlp_objective
-    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
-    device = next(model.parameters()).device
+def backward_then_step(model, opt, objective, batch, amp, reduce=lambda losses: losses.mean()):
+    """The usual loop body of the hook-based peers: zero, forward, backward, step."""
+    device = device_of(model)
 
     def step():
         opt.zero_grad(set_to_none=True)
-        with torch.autocast(
-            device.type, dtype=dtype, enabled=amp != "none" and device.type == "cuda"
-        ):
-            loss = objective(gsm, batch).losses.mean()
+        with amp_context(device, amp):
+            loss = reduce(objective(model, batch).losses)
         loss.backward()
         opt.step()
 
     return step
 
 
-def opacus_ghost(model, batch, size):
-    """Opacus's ghost clipping (fast gradient clipping) on the LM, explicit position ids."""
+def opacus_sample(model, batch, row, amp, explicit_ids, functorch=False):
+    from opacus.grad_sample import GradSampleModule
+    from opacus.optimizers import DPOptimizer
+
+    gsm = GradSampleModule(model, batch_first=True, loss_reduction="mean",
+                           force_functorch=functorch)
+    opt = DPOptimizer(optimizer(gsm.parameters(), row), noise_multiplier=1.0, max_grad_norm=1.0,
+                      expected_batch_size=row.batch)
+    return backward_then_step(gsm, opt, objective_for(row, explicit_ids), batch, amp)
+
+
+class PerSampleLosses(nn.Module):
+    """A 'criterion' that returns the objective's per-sample losses (for Opacus's ghost wrapper)."""
+
+    reduction = "mean"
+
+    def forward(self, losses: torch.Tensor) -> torch.Tensor:
+        return losses
+
+
+def opacus_ghost(model, batch, row, amp, explicit_ids):
     from opacus.grad_sample import GradSampleModuleFastGradientClipping
     from opacus.optimizers import DPOptimizerFastGradientClipping
     from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
 
-    gsm = GradSampleModuleFastGradientClipping(
-        model, batch_first=True, loss_reduction="mean", max_grad_norm=1.0, use_ghost_clipping=True
-    )
-    opt = DPOptimizerFastGradientClipping(
-        torch.optim.SGD(gsm.parameters(), lr=1e-4),
-        noise_multiplier=1.0,
-        max_grad_norm=1.0,
-        expected_batch_size=size,
-        loss_reduction="mean",
-    )
-    criterion = DPLossFastGradientClipping(gsm, opt, nn.CrossEntropyLoss(), loss_reduction="mean")
-    ids = batch["input_ids"]
-    positions = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
+    gsm = GradSampleModuleFastGradientClipping(model, batch_first=True, loss_reduction="mean",
+                                               max_grad_norm=1.0, use_ghost_clipping=True)
+    opt = DPOptimizerFastGradientClipping(optimizer(gsm.parameters(), row), noise_multiplier=1.0,
+                                          max_grad_norm=1.0, expected_batch_size=row.batch,
+                                          loss_reduction="mean")
+    criterion = DPLossFastGradientClipping(gsm, opt, PerSampleLosses(), loss_reduction="mean")
+    return backward_then_step(gsm, opt, objective_for(row, explicit_ids), batch, amp, criterion)
+
+
+def fastdp(model, batch, row, amp, explicit_ids):
+    """fastDP's documented loop (README: engine attached to the optimizer, then backward + step),
+    mixed ghost norm / book-keeping ('MixOpt') with Abadi clipping at noise 1.0."""
+    from fastDP import PrivacyEngine
+
+    opt = optimizer(model.parameters(), row)
+    PrivacyEngine(model, batch_size=row.batch, sample_size=100 * row.batch, epochs=1,
+                  noise_multiplier=1.0, max_grad_norm=1.0, clipping_fn="Abadi",
+                  clipping_mode="MixOpt", clipping_style="all-layer").attach(opt)
+    return backward_then_step(model, opt, objective_for(row, explicit_ids), batch, amp)
+
+
+def private_transformers(model, batch, row, amp, explicit_ids):
+    """private-transformers' documented loop: per-sample losses passed to ``optimizer.step``,
+    which runs the backward itself (ghost clipping)."""
+    from private_transformers import PrivacyEngine
+
+    opt = optimizer(model.parameters(), row)
+    PrivacyEngine(model, batch_size=row.batch, sample_size=100 * row.batch, epochs=1,
+                  max_grad_norm=1.0, noise_multiplier=1.0, clipping_mode="ghost").attach(opt)
+    objective, device = objective_for(row, explicit_ids), device_of(model)
 
     def step():
         opt.zero_grad(set_to_none=True)
-        logits = gsm(input_ids=ids, position_ids=positions).logits[:, :-1]
-        loss = criterion(logits.transpose(1, 2), ids[:, 1:])
-        loss.backward()
-        opt.step()
+        with amp_context(device, amp):
+            losses = objective(model, batch).losses
+        opt.step(loss=losses)
 
     return step
 
 
-METHODS: dict[str, Callable] = {
-    "non-private": non_private,
-    "trustml DP": trustml_dp,
-    "Opacus hooks": opacus_dp,
-    "Opacus hooks, default position_ids": lambda m, b, k, a: opacus_dp(m, b, k, a, positions=False),
-    "Opacus ghost": lambda m, b, k, a: opacus_dp(m, b, k, a, mode="ghost"),
+@dataclass(frozen=True)
+class Method:
+    make: Callable
+    module: str | None = None  # the package it needs (recorded as absent when it does not import)
+    peer: bool = True  # runs the untouched model first, then the workaround
+    cost: float = 2.5  # rough step time over the plain step (for the estimate)
+
+
+METHODS: dict[str, Method] = {
+    "non-private": Method(non_private, peer=False, cost=1.0),
+    "trustml": Method(trustml_dp, peer=False, cost=1.3),
+    "Opacus hooks": Method(opacus_sample, "opacus"),
+    "Opacus functorch": Method(lambda *a: opacus_sample(*a, functorch=True), "opacus", cost=3.0),
+    "Opacus ghost": Method(opacus_ghost, "opacus"),
+    "fastDP": Method(fastdp, "fastDP", cost=1.5),
+    "private-transformers": Method(private_transformers, "private_transformers", cost=2.0),
 }
+WORKAROUND = "explicit contiguous batch-sized position_ids"
 
 
-# ---- measurement ---------------------------------------------------------------------------
+# ---- measurement -------------------------------------------------------------------------------
 
 
 def pin_malloc() -> None:
@@ -217,135 +338,310 @@ def rss_kib(field: str) -> int:
     raise RuntimeError(field)
 
 
-def peak_working_memory(step: Callable, device: torch.device) -> float:
-    """MiB the step needs on top of what is held before it."""
+def absent(method: str) -> str | None:
+    module = METHODS[method].module
+    if module and importlib.util.find_spec(module) is None:
+        return f"not installed (no `{module}` module; not on the PyPI index reachable here)"
+    return None
+
+
+def build(row_key: str, method: str, device: torch.device, amp: str, explicit_ids: bool
+          ) -> Callable:
+    row = ROWS[row_key]
+    torch.manual_seed(0)
+    model = row.build().to(device)
+    return METHODS[method].make(model, make_batch(row, device), row, amp, explicit_ids)
+
+
+def error_text(err: BaseException) -> str:
+    first = str(err).strip().splitlines()[0][:110] if str(err).strip() else ""
+    return f"{type(err).__name__}: {first}"
+
+
+def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
+
+
+def reset_peak(device: torch.device) -> int:
+    """Reset the peak to the current usage; return the current usage in bytes."""
+    sync(device)
+    if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated()
+    Path("/proc/self/clear_refs").write_text("5")  # peak RSS := current RSS
+    return rss_kib("VmRSS") * 1024
+
+
+def peak(device: torch.device) -> int:
+    sync(device)
+    return torch.cuda.max_memory_allocated() if device.type == "cuda" else rss_kib("VmHWM") * 1024
+
+
+def memory_growth(row_key: str, method: str, device: torch.device, amp: str, warmup: int,
+                  explicit_ids: bool) -> dict[str, float]:
+    """MiB of peak growth over the built model, first step and a steady step (own process)."""
+    step = build(row_key, method, device, amp, explicit_ids)
+    base = reset_peak(device)
+    step()
+    first = peak(device) - base
+    for _ in range(max(warmup - 1, 0)):
         step()
-        torch.cuda.synchronize()
-        return (torch.cuda.max_memory_allocated() - base) / 2**20
-    Path("/proc/self/clear_refs").write_text("5")  # reset the peak RSS to the current RSS
-    base = rss_kib("VmRSS")
+    reset_peak(device)
     step()
-    return (rss_kib("VmHWM") - base) / 1024
+    return {"steady": (peak(device) - base) / 2**20, "first": first / 2**20}
 
 
-def timed(step: Callable, device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
+def memory_in_subprocess(row_key: str, method: str, explicit_ids: bool, args) -> dict | str:
+    cmd = [sys.executable, __file__, "--memory-of", f"{row_key}:{method}:{int(explicit_ids)}",
+           "--device", args.device, "--amp", args.amp, "--warmup", str(warmup_of(row_key, args)),
+           "--threads", str(args.threads)]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    lines = done.stdout.strip().splitlines()
+    if done.returncode != 0 or not lines:
+        return f"memory run failed: {(done.stderr.strip().splitlines() or ['?'])[-1][:100]}"
+    return json.loads(lines[-1])
+
+
+def step_time(step: Callable, device: torch.device) -> float:
+    if device.type == "cuda":  # the GPU's work is not CPU time: wall clock, synchronised
+        sync(device)
+        t0 = time.perf_counter()
+        step()
+        sync(device)
+        return time.perf_counter() - t0
+    t0 = time.process_time()
     step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - t0
+    return time.process_time() - t0
 
 
-def make_batch(kind: str, size: int, seq: int | None, device: torch.device) -> dict:
-    g = torch.Generator().manual_seed(0)
-    if kind == "lm":
-        return {"input_ids": torch.randint(0, 50257, (size, seq), generator=g).to(device)}
-    return {
-        "x": torch.randn(size, 100, generator=g).to(device),
-        "y": torch.randint(0, 2, (size,), generator=g).to(device),
-    }
+def warmup_of(row_key: str, args) -> int:
+    return ROWS[row_key].warmup if args.warmup is None else args.warmup
 
 
-def run_case(key: str, device: torch.device, args) -> list[dict]:
-    """Build every method's step, then time them round-robin (fair under a noisy machine)."""
-    _title, factory, kind, size, seq = CASES[key]
-    batch = make_batch(kind, size, seq, device)
-    rows, steps = {}, {}
-    for name, method in METHODS.items():
-        if name in ("Opacus hooks, default position_ids", "Opacus ghost") and kind != "lm":
-            continue
-        torch.manual_seed(0)
+def repeats_of(row_key: str, args) -> int:
+    return ROWS[row_key].repeats if args.repeats is None else args.repeats
+
+
+def start(row_key: str, name: str, device: torch.device, args) -> tuple[Callable | None, dict]:
+    """Build and warm a method: untouched model first, then (peers on transformers) the workaround."""
+    result: dict = {"row": row_key, "method": name}
+    if reason := absent(name):
+        result["error"] = reason
+        return None, result
+    tries = [False, True] if METHODS[name].peer and ROWS[row_key].kind in ("lm", "cls") else [False]
+    for explicit_ids in tries:
         try:
-            steps[name] = method(factory().to(device), batch, kind, args.amp)
-            for _ in range(args.warmup):
-                steps[name]()
-            rows[name] = {"case": key, "method": name, "times": []}
+            step = build(row_key, name, device, args.amp, explicit_ids)
+            for _ in range(warmup_of(row_key, args)):
+                step()
         except Exception as err:  # noqa: BLE001 - a failure is a result here
             if args.verbose:
                 traceback.print_exc()
-            steps.pop(name, None)
-            first = str(err).splitlines()[0][:100] if str(err) else ""
-            rows[name] = {"case": key, "method": name, "error": f"{type(err).__name__}: {first}"}
-            print(f"  [{key}] {name}: {rows[name]['error']}", flush=True)
-    for _ in range(args.repeats):
+            key = "workaround_error" if explicit_ids else "error"
+            result[key] = error_text(err)
+            print(f"  [{row_key}] {name}{' + workaround' if explicit_ids else ''}: {result[key]}",
+                  flush=True)
+            continue
+        result["explicit_ids"] = explicit_ids
+        return step, result
+    return None, result
+
+
+def run_row(row_key: str, methods: list[str], device: torch.device, args) -> list[dict]:
+    """Build every method, warm up, then time them round-robin; memory in subprocesses."""
+    results, steps = {}, {}
+    for name in methods:
+        step, results[name] = start(row_key, name, device, args)
+        if step is not None:
+            steps[name] = step
+    rounds = {name: [] for name in steps}
+    for _ in range(repeats_of(row_key, args)):
         for name, step in steps.items():
-            rows[name]["times"].append(timed(step, device))
-    for name, step in steps.items():
-        row = rows[name]
-        row["seconds"] = statistics.median(row.pop("times"))
-        row["memory"] = max(peak_working_memory(step, device) for _ in range(2))
-        print(
-            f"  [{key}] {name}: {row['seconds'] * 1e3:.1f} ms, {row['memory']:.1f} MiB", flush=True
-        )
+            rounds[name].append(step_time(step, device))
     steps.clear()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return list(rows.values())
+    plain = rounds.get("non-private")
+    for name, times in rounds.items():
+        r = results[name]
+        r["seconds"] = statistics.median(times)
+        if plain:
+            ratios = sorted(t / p for t, p in zip(times, plain, strict=True))
+            r["ratio"] = statistics.median(ratios)
+            q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
+            r["ratio_iqr"] = (q[0], q[2])
+        r["memory"] = (memory_in_subprocess(row_key, name, r["explicit_ids"], args)
+                       if args.memory else None)
+        print(f"  [{row_key}] {name}: {r['seconds'] * 1e3:.1f} ms, {r.get('ratio', 0):.2f}x, "
+              f"memory {r['memory']}", flush=True)
+    return list(results.values())
 
 
-def mem_ratio(row: dict, base: dict) -> str:
-    return f"{row['memory'] / base['memory']:.2f}" if base["memory"] >= 1 else "(< 1 MiB)"
+# ---- reporting ---------------------------------------------------------------------------------
 
 
-def table(rows: list[dict], device: torch.device) -> str:
+def note_of(r: dict) -> str:
+    if r.get("explicit_ids"):
+        return f"needs {WORKAROUND}; untouched model: {r['error']}"
+    if "workaround_error" in r:
+        return f"with {WORKAROUND} too: {r['workaround_error']}"
+    return ""
+
+
+def mib(memory, key: str) -> float | None:
+    return memory[key] if isinstance(memory, dict) else None
+
+
+def table(results: list[dict]) -> str:
     lines = [
-        f"device: {device} ({torch.get_num_threads()} threads on CPU)"
-        if device.type == "cpu"
-        else f"device: {torch.cuda.get_device_name()}",
-        "| case | method | step ms | x non-private | peak MiB | x non-private | trustml speed-up |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
+        "| model | method | step ms | time x plain (IQR) | tokens/s | steady peak growth MiB "
+        "| memory x plain | first-step peak MiB | note |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
-    for key in dict.fromkeys(r["case"] for r in rows):
-        case = [r for r in rows if r["case"] == key]
-        base = next(r for r in case if r["method"] == "non-private")
-        ours = next((r for r in case if r["method"] == "trustml DP" and "error" not in r), None)
+    for key in dict.fromkeys(r["row"] for r in results):
+        row = ROWS[key]
+        case = [r for r in results if r["row"] == key]
+        base = next((r for r in case if r["method"] == "non-private" and "seconds" in r), None)
+        base_mem = mib(base["memory"], "steady") if base else None
         for r in case:
-            if "error" in r:
-                lines.append(f"| {key} | {r['method']} | failed: {r['error']} | | | | |")
+            if "seconds" not in r:
+                lines.append(f"| {row.title} | {r['method']} | failed: {r['error']} | | | | | | "
+                             f"{note_of(r)} |")
                 continue
-            speed = (
-                f"{r['seconds'] / ours['seconds']:.2f}x"
-                if ours and r["method"].startswith("Opacus")
-                else ""
-            )
-            lines.append(
-                f"| {key} | {r['method']} | {r['seconds'] * 1e3:.1f} | {r['seconds'] / base['seconds']:.2f} "
-                f"| {r['memory']:.1f} | {mem_ratio(r, base)} | {speed} |"
-            )
+            ratio = (f"{r['ratio']:.2f}x ({r['ratio_iqr'][0]:.2f}-{r['ratio_iqr'][1]:.2f})"
+                     if "ratio" in r else "")
+            tokens = f"{row.batch * row.seq / r['seconds']:.0f}" if row.seq else ""
+            steady, first = mib(r["memory"], "steady"), mib(r["memory"], "first")
+            mem_ratio = f"{steady / base_mem:.2f}x" if steady is not None and base_mem else ""
+            mem = f"{steady:.1f}" if steady is not None else (r["memory"] or "")
+            first_text = f"{first:.1f}" if first is not None else ""
+            lines.append(f"| {row.title} | {r['method']} | {r['seconds'] * 1e3:.1f} | {ratio} "
+                         f"| {tokens} | {mem} | {mem_ratio} | {first_text} | {note_of(r)} |")
     return "\n".join(lines)
+
+
+def memory_ratio(r: dict, base: dict) -> float | None:
+    steady, base_mem = mib(r.get("memory"), "steady"), mib(base.get("memory"), "steady")
+    return steady / base_mem if steady is not None and base_mem else None
+
+
+def targets(results: list[dict]) -> str:
+    """Issue 13's targets per row: trustml's ratios, met or not, and the fastest peer that ran."""
+    lines = ["| model | target (time / memory x plain) | trustml time | trustml memory "
+             "| fastest peer that ran | faster than every peer |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for key in dict.fromkeys(r["row"] for r in results):
+        row = ROWS[key]
+        by = {r["method"]: r for r in results if r["row"] == key}
+        ours, base = by.get("trustml", {}), by.get("non-private", {})
+        if "ratio" not in ours:
+            continue
+
+        def verdict(value: float | None, target: float | None) -> str:
+            if value is None:
+                return "not measured"
+            if target is None:
+                return f"{value:.2f}x"
+            return f"{value:.2f}x ({'met' if value <= target else '**not met**'})"
+
+        peers = [r for name, r in by.items() if name not in ("non-private", "trustml")
+                 and "ratio" in r]
+        best = min(peers, key=lambda r: r["ratio"], default=None)
+        fastest = f"{best['method']} {best['ratio']:.2f}x" if best else "none ran"
+        goal = " / ".join(f"<= {t:.2f}x" if t else "-" for t in (row.time_target,
+                                                                  row.memory_target))
+        lines.append(
+            f"| {row.title} | {goal} | {verdict(ours['ratio'], row.time_target)} "
+            f"| {verdict(memory_ratio(ours, base), row.memory_target)} "
+            f"| {fastest} "
+            f"| {'yes' if not best or ours['ratio'] < best['ratio'] else '**no**'} |")
+    return "\n".join(lines)
+
+
+def estimate(keys: list[str], methods: list[str], args) -> float:
+    """Rough CPU seconds for the run on the 2-core VM at one thread (the rows' reference steps)."""
+    total = 0.0
+    for key in keys:
+        row = ROWS[key]
+        ran = [m for m in methods if not absent(m)]
+        steps = warmup_of(key, args) + repeats_of(key, args)
+        if args.memory:
+            steps += warmup_of(key, args) + 1
+        failed_tries = sum(1 for m in ran if METHODS[m].peer) if row.kind in ("lm", "cls") else 0
+        total += row.plain_s * (sum(METHODS[m].cost for m in ran) * steps + 2.5 * failed_tries)
+        if "trustml" in ran:  # first step: probe and float64 self-check, in each process
+            total += row.plain_s * 6.0 * (2 if args.memory else 1)
+        total += (8.0 if args.memory else 0.0) * len(ran) + 3.0 * len(ran)  # imports, builds
+    return total / (50.0 if args.device == "cuda" else 1.0)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument(
-        "--cases", default=None, help="subset of a,b,c (default: a,b; plus c on cuda)"
-    )
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--rows", default=None, help=f"comma list of {', '.join(ROWS)} (default: "
+                        "every row the device runs)")
+    parser.add_argument("--methods", default=",".join(METHODS), help="comma list of methods")
+    parser.add_argument("--warmup", type=int, default=None, help="warm-up steps (default per row)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed rounds (default per row)")
     parser.add_argument("--amp", default="none", choices=["none", "bf16"])
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    parser.add_argument("--no-memory", dest="memory", action="store_false",
+                        help="skip the per-method memory subprocesses")
+    parser.add_argument("--out", type=Path, default=None, help="also write the markdown here")
+    parser.add_argument("--memory-of", default=None, help=argparse.SUPPRESS)  # ROW:METHOD:IDS
     parser.add_argument("--verbose", action="store_true")
     args = parser.parse_args()
     pin_malloc()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore", message="Full backward hook is firing")  # Opacus, per step
     device = torch.device(args.device)
-    cases = (args.cases or ("a,b,c" if device.type == "cuda" else "a,b")).split(",")
-    rows = []
-    for key in cases:
-        print(f"case {key}: {CASES[key][0]}", flush=True)
-        rows += run_case(key, device, args)
+    if args.memory_of:
+        row_key, method, explicit_ids = args.memory_of.split(":")
+        print(json.dumps(memory_growth(row_key, method, device, args.amp, args.warmup,
+                                       explicit_ids == "1")))
+        return
+    keys = args.rows.split(",") if args.rows else [
+        k for k, r in ROWS.items() if device.type == "cuda" or not r.cuda_only
+    ]
+    methods = args.methods.split(",")
+    unknown = [k for k in keys if k not in ROWS] + [m for m in methods if m not in METHODS]
+    if unknown:
+        parser.error(f"unknown rows/methods: {unknown}")
+    if "non-private" not in methods:
+        parser.error("--methods must include non-private (the ratios are to it)")
+    print(f"estimated run time: ~{estimate(keys, methods, args) / 60:.0f} min of CPU time "
+          "(2-core VM, one thread; wall clock grows with the machine's load)", flush=True)
+    t0, results = time.monotonic(), []
+    for done, key in enumerate(keys, 1):
+        print(f"{key}: {ROWS[key].title}", flush=True)
+        results += run_row(key, methods, device, args)
+        text = report(results, keys[:done], device, args, time.monotonic() - t0)
+        if args.out:  # after every row, so a long run that is stopped keeps what it measured
+            args.out.write_text(text + ("\n" if done == len(keys) else "\n\n(partial)\n"))
     print()
-    print(" ".join(["python", *sys.argv]))
-    print(table(rows, device))
+    print(text)
 
+
+def report(results: list[dict], keys: list[str], device: torch.device, args, seconds: float
+           ) -> str:
+    versions = {name: __import__(name).__version__ for name in ("torch", "transformers", "opacus")}
+    load = os.getloadavg()
+    where = (f"CPU, {torch.get_num_threads()} thread(s), CPU time (time.process_time)"
+             if device.type == "cpu" else f"{torch.cuda.get_device_name()}, wall clock, amp={args.amp}")
+    return "\n".join([
+        "    " + " ".join(["python", *sys.argv]),
+        "",
+        ", ".join(f"{k} {v}" for k, v in versions.items())
+        + f"; {where}; per-row warm-up / rounds: "
+        + ", ".join(f"{k} {warmup_of(k, args)}/{repeats_of(k, args)}" for k in keys)
+        + f"; load average {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (1 / 5 / 15 min) at the "
+        f"end; {seconds / 60:.0f} min wall clock",
+        "",
+        table(results),
+        "",
+        targets(results),
+    ])
 
 if __name__ == "__main__":
     main()
