@@ -14,25 +14,10 @@ from torch import nn
 from trustml.privacy import make_private
 from trustml.privacy.accounting import PrivacyAccountant
 from trustml.training.loop import fit, resolved
-from trustml.training.objectives import ObjectiveOutput
+
+from test_privacy_engine import Rows, squared
 
 DELTA = 1e-5
-
-
-class Rows(torch.utils.data.Dataset):
-    def __init__(self, n: int, d: int = 5):
-        g = torch.Generator().manual_seed(0)
-        self.x, self.y = torch.randn(n, d, generator=g), torch.randn(n, 2, generator=g)
-
-    def __len__(self):
-        return len(self.x)
-
-    def __getitem__(self, i):
-        return {"x": self.x[i], "y": self.y[i]}
-
-
-def squared(model, batch):
-    return ObjectiveOutput(((model(batch["x"]) - batch["y"]) ** 2).sum(1))
 
 
 def private(model, data, **kw):
