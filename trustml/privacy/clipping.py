@@ -6,9 +6,13 @@ pass that asks autograd only for the gradients of those outputs -- so autograd n
 (batch-summed) parameter gradients at all -- and builds from activations and output gradients:
 
 1. every sample's gradient norm, per parameter either by Gram matrices ("ghost norm",
-   <X X^T, Y Y^T>) or by materialising per-sample gradients, whichever is cheaper;
+   <X X^T, Y Y^T>, each Gram computed once per pass even when layers share an input or an output
+   gradient) or by materialising per-sample gradients when they are no larger than their factors
+   (:meth:`~trustml.privacy.factored.Factored.ghost_cheaper`); a materialised layer drops its
+   saved input and output gradient at once, and every parameter's norms go into one stacked sum;
 2. the clip factors c_i = min(1, C / ||grad_i||);
-3. the clipped sum sum_i c_i grad_i as one matmul per parameter (no second backward pass).
+3. the clipped sum sum_i c_i grad_i as one matmul per parameter (no second backward pass), each
+   parameter's factors freed as soon as its sum is taken.
 
 A parameter used by several layers (GPT-2's tied ``wte``/``lm_head``) gets the norm of the *sum* of
 its uses, cross terms included; a layer called several times per forward accumulates its calls; a
