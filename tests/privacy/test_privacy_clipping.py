@@ -10,6 +10,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from transformers.pytorch_utils import Conv1D
 
 from trustml.privacy import PerSampleClipper
+from trustml.privacy.factored import Factored, Grams
 
 STRATEGIES = ["auto", "ghost", "materialise"]
 
@@ -155,6 +156,51 @@ class TwiceAndTied(nn.Module):
 def test_reuse_broadcast_and_tying(strategy):
     torch.manual_seed(8)
     check(TwiceAndTied(), sq_loss, [torch.randint(0, 9, (B, T)), torch.randn(B, T, 9)], strategy)
+
+
+class SharedReads(nn.Module):
+    """Three layers read one input (BERT's query / key / value) and three embeddings are summed
+    into one hidden state (one output gradient): their Gram matrices are shared."""
+
+    def __init__(self):
+        super().__init__()
+        self.words, self.kinds = nn.Embedding(9, 4), nn.Embedding(2, 4)
+        self.places = nn.Embedding(T, 4)
+        self.q, self.k, self.v = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 4)
+
+    def forward(self, ids):
+        places = torch.arange(ids.shape[1]).unsqueeze(0)
+        h = self.words(ids) + self.kinds(ids % 2) + self.places(places)
+        return self.q(h) * self.k(h).tanh() + self.v(h)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_shared_inputs_and_output_gradients(strategy):
+    torch.manual_seed(11)
+    check(SharedReads(), sq_loss, [torch.randint(0, 9, (B, T)), torch.randn(B, T, 4)], strategy)
+
+
+def test_grams_shared_by_memory_not_by_object():
+    grams = Grams()
+    a, b = torch.randn(3, 5, 4), torch.randn(3, 2, 4)
+    first = grams(a, a)
+    assert grams(a.view(3, 5, 4), a.detach()) is first  # other views of the same rows: one Gram
+    torch.testing.assert_close(first, torch.bmm(a, a.transpose(1, 2)))
+    torch.testing.assert_close(grams(b, a), torch.bmm(b, a.transpose(1, 2)))
+    assert grams(a, b).data_ptr() == grams(b, a).data_ptr()  # the transpose, not a second bmm
+    assert grams(a[:, :2], b) is not grams(b, b)
+
+
+@pytest.mark.parametrize("steps", [1, 2, 3])
+def test_auto_ghost_or_materialised_on_the_same_layer(steps):
+    """Linear(4, 4): G_i has 16 numbers, its factors 8 T: ghost below T = 2, materialised from
+    T = 2 on (no larger than the factors); both exact."""
+    torch.manual_seed(12)
+    layer = nn.Linear(4, 4)
+    x = torch.randn(B, steps, 4, dtype=torch.float64)
+    use = Factored(torch.randn(B, steps, 4), x.float())
+    assert use.ghost_cheaper() == (steps < 2)
+    check(layer, sq_loss, [x, torch.randn(B, steps, 4)], "auto")
 
 
 def lm_loss(model, ids):

@@ -6,9 +6,13 @@ pass that asks autograd only for the gradients of those outputs -- so autograd n
 (batch-summed) parameter gradients at all -- and builds from activations and output gradients:
 
 1. every sample's gradient norm, per parameter either by Gram matrices ("ghost norm",
-   <X X^T, Y Y^T>) or by materialising per-sample gradients, whichever is cheaper;
+   <X X^T, Y Y^T>, each Gram computed once per pass even when layers share an input or an output
+   gradient) or by materialising per-sample gradients when they are no larger than their factors
+   (:meth:`~trustml.privacy.factored.Factored.ghost_cheaper`); a materialised layer drops its
+   saved input and output gradient at once, and every parameter's norms go into one stacked sum;
 2. the clip factors c_i = min(1, C / ||grad_i||);
-3. the clipped sum sum_i c_i grad_i as one matmul per parameter (no second backward pass).
+3. the clipped sum sum_i c_i grad_i as one matmul per parameter (no second backward pass), each
+   parameter's factors freed as soon as its sum is taken.
 
 A parameter used by several layers (GPT-2's tied ``wte``/``lm_head``) gets the norm of the *sum* of
 its uses, cross terms included; a layer called several times per forward accumulates its calls; a
@@ -41,22 +45,17 @@ from torch.utils._pytree import tree_flatten, tree_leaves, tree_unflatten
 
 from torch.nn.utils import parametrize
 
-import trustml.privacy.conv  # noqa: F401 (registers the convolution rules)
 from trustml.privacy.broadcast import Call, autocast_state, rng_state, unchanged
+from trustml.privacy.factored import Factored, Grams, Use, batched, inner, merge
 from trustml.privacy.generic import KNOWN_LAYOUTS, AmbiguousBatch, GenericRule, Layout, Refusal
 from trustml.privacy.graph import Box, stray_uses
 from trustml.privacy.layers import (
     Conv1DRule,
     EmbeddingRule,
-    Factored,
     LayerNormRule,
     LinearRule,
     Rule,
-    Use,
     batch_dims,
-    batched,
-    inner,
-    merge,
     rule_for,
 )
 
@@ -75,9 +74,13 @@ class _Record:
 
 
 class _ParamPlan:
-    """All uses of one parameter in a pass: its per-sample norm and its clipped sum."""
+    """All uses of one parameter in a pass: its per-sample squared norm and its clipped sum.
 
-    def __init__(self, uses: list[Use], strategy: Strategy):
+    Built as soon as the last of its uses is known, so that a materialised gradient drops its
+    factors (the saved input and the output gradient) while the rest of the pass is processed.
+    """
+
+    def __init__(self, uses: list[Use], strategy: Strategy, dtype: torch.dtype, grams: Grams):
         dense = [u for u in uses if not isinstance(u, Factored)]
         factored = merge([u for u in uses if isinstance(u, Factored)])
         materialise = (
@@ -89,23 +92,23 @@ class _ParamPlan:
         self.dense: Tensor | None = None
         if materialise:
             parts = dense + [f.materialise() for f in factored]
-            self.dense = parts[0]
+            total = parts[0]
             for part in parts[1:]:
-                self.dense = self.dense + part
-
-    def norm2(self, dtype: torch.dtype) -> Tensor:
-        if self.dense is not None:  # reshape, not flatten(1): a 0-dim parameter gives (B,)
-            return self.dense.reshape(self.dense.shape[0], -1).to(dtype).pow(2).sum(1)
+                total = total + part
+            # reshape, not flatten(1): a 0-dim parameter gives (B, 1)
+            self.dense = total.reshape(total.shape[0], -1)
+            self.norm2 = torch.linalg.vector_norm(self.dense, dim=1, dtype=dtype).square()
+            return
         total = 0
-        for i, u in enumerate(self.factored):
-            total = total + inner(u, u, dtype)
-            for v in self.factored[i + 1 :]:
-                total = total + 2 * inner(u, v, dtype)
-        return total
+        for i, u in enumerate(factored):
+            total = total + inner(u, u, dtype, grams)
+            for v in factored[i + 1 :]:
+                total = total + 2 * inner(u, v, dtype, grams)
+        self.norm2 = total
 
     def weighted_sum(self, c: Tensor) -> Tensor:
         if self.dense is not None:
-            return torch.tensordot(c.to(self.dense.dtype), self.dense, dims=1)
+            return c.to(self.dense.dtype) @ self.dense
         total = None
         for f in sorted(self.factored, key=lambda f: f.indexed):  # the matmul first: no zero-fill
             total = f.weighted_sum(c, into=total)
@@ -113,6 +116,9 @@ class _ParamPlan:
 
 
 def _first_tensor(tree: Any) -> Tensor | None:
+    args = tree[0]
+    if args and isinstance(args[0], Tensor) and args[0].dim() > 0:  # the common case: no tree walk
+        return args[0]
     return next((t for t in tree_leaves(tree) if isinstance(t, Tensor) and t.dim() > 0), None)
 
 
@@ -255,7 +261,7 @@ class PerSampleClipper:
         if self._open or not torch.is_grad_enabled():
             return None  # inside a generic-path call: that call's rule covers this one
         first = _first_tensor((args, kwargs))
-        leaves, spec = tree_flatten(output)
+        leaves, spec = ([output], None) if isinstance(output, Tensor) else tree_flatten(output)
         generic = isinstance(rule, GenericRule)
         expand = (  # position-wise fast-rule layers on a batch-1 input (GPT-2's positions), and
             self._batch > 1  # generic calls with a batch input but a batch-1 output (BART's
@@ -270,7 +276,7 @@ class PerSampleClipper:
                 batched(o, self._batch) if isinstance(o, Tensor) and o.dim() > 0 else o
                 for o in leaves
             ]
-            output = tree_unflatten(leaves, spec)
+            output = leaves[0] if spec is None else tree_unflatten(leaves, spec)
         outs = [o for o in leaves if isinstance(o, Tensor) and o.requires_grad]
         if outs:
             saved = rule.save(module, args, kwargs, output)
@@ -345,15 +351,23 @@ class PerSampleClipper:
                     f"parameter {self._param_name(p)} got a gradient without its module being "
                     "called (used functionally?); per-sample clipping cannot see that use"
                 )
-        plans = self._plans(records, grads, batch, dims)
-        dtype = torch.float64 if any(p.dtype == torch.float64 for p, _ in plans) else torch.float32
-        norm2 = torch.zeros(batch, dtype=dtype, device=losses.device)
-        for _, plan in plans:
-            norm2 += plan.norm2(dtype)
+        outs = list(grads[: len(edges)])
+        del grads  # _plans drops each output gradient once its layer is processed
+        dtype = torch.float64 if any(p.dtype == torch.float64 for p in trainable) else torch.float32
+        plans = self._plans(records, outs, batch, dims, dtype)
+        norm2 = (
+            torch.stack([plan.norm2 for _, plan in plans]).sum(0)
+            if plans
+            else torch.zeros(batch, dtype=dtype, device=losses.device)
+        )
         norms = norm2.sqrt() / loss_scale
         factors = self.max_grad_norm / norms.clamp(min=self.max_grad_norm)
-        for p, plan in plans:
-            g = plan.weighted_sum(factors / loss_scale).to(p.dtype).reshape(p.shape)
+        c = factors / loss_scale if loss_scale != 1 else factors
+        plans.reverse()
+        while plans:  # pop each plan: its factors are freed once its sum is taken
+            p, plan = plans.pop()
+            g = plan.weighted_sum(c).to(p.dtype).reshape(p.shape)
+            del plan
             if p.grad is None:
                 p.grad = g
             else:
@@ -539,14 +553,28 @@ class PerSampleClipper:
         return g is None or not bool(g.movedim(d, 0)[~keep].ne(0).any())
 
     def _plans(
-        self, records: list[_Record], grads: tuple, batch: int, dims: list[list[int]]
+        self,
+        records: list[_Record],
+        grads: list[Tensor | None],
+        batch: int,
+        dims: list[list[int]],
+        dtype: torch.dtype,
     ) -> list[tuple[nn.Parameter, _ParamPlan]]:
+        """Each parameter's plan, built as soon as its last use is known; every record's saved
+        tensors and output gradients are dropped once its uses are taken (``grads`` is emptied)."""
+        last: dict[int, int] = {}  # parameter -> the last record covering it
+        for k, r in enumerate(records):
+            for p in self._covered(r):
+                last[id(p)] = k
         uses: dict[int, tuple[nn.Parameter, list[Use]]] = {}
+        plans: list[tuple[nn.Parameter, _ParamPlan]] = []
+        grams = Grams()  # shared Gram matrices (one input read by several layers, ...)
         at = 0
         self._recording = False  # the generic path re-runs modules: do not record those calls
         try:
-            for r, ds in zip(records, dims):
-                gs = list(grads[at : at + len(r.edges)])
+            for k, (r, ds) in enumerate(zip(records, dims)):
+                gs = grads[at : at + len(r.edges)]
+                grads[at : at + len(r.edges)] = [None] * len(r.edges)
                 at += len(r.edges)
                 if all(g is None for g in gs):
                     continue  # this call did not reach the loss
@@ -557,6 +585,7 @@ class PerSampleClipper:
                 for g, d in zip(gs, ds):
                     self._check_shape(r, g, d, batch)
                 saved = r.saved
+                r.saved = r.inputs = None
                 if not isinstance(r.rule, GenericRule) and ds[0] != 0:  # sequence-first
                     gs, saved = [g.movedim(ds[0], 0) for g in gs], saved.movedim(ds[0], 0)
                 try:
@@ -564,9 +593,15 @@ class PerSampleClipper:
                         uses.setdefault(id(p), (p, []))[1].append(use)
                 except Refusal as err:
                     raise Refusal(f"{self._name(r.module)}: {err}") from None
+                del gs, saved
+                for p in self._covered(r):
+                    if last[id(p)] == k and id(p) in uses:
+                        plans.append((p, _ParamPlan(uses.pop(id(p))[1], self.strategy, dtype,
+                                                    grams)))
+            plans += [(p, _ParamPlan(u, self.strategy, dtype, grams)) for p, u in uses.values()]
         finally:
             self._recording = True
-        return [(p, _ParamPlan(u, self.strategy)) for p, u in uses.values()]
+        return plans
 
     def remove(self) -> None:
         """Detach the hooks (the model behaves as before)."""

@@ -12,7 +12,7 @@ So the rule needs only the layer's saved input and its output gradient: no secon
   faster than unfold + bmm on the benchmark CNN), any ``groups``; a ~1 MiB chunk of samples per
   call (:data:`CHUNK_ELEMENTS`), written into one preallocated result;
 * ghost (``groups == 1``, small output maps, wide channels): a
-  :class:`~trustml.privacy.layers.Factored` Y_i^T P_i whose norm the clipper takes from L x L Gram
+  :class:`~trustml.privacy.factored.Factored` Y_i^T P_i whose norm the clipper takes from L x L Gram
   matrices, exactly as for a linear layer (P from ``F.unfold``; 3-D via strided windows).
 
 Any stride, dilation, padding (ints, ``'valid'``, ``'same'``) and ``padding_mode`` (zeros, reflect,
@@ -29,8 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from trustml.privacy.layers import RULES as LAYER_RULES
-from trustml.privacy.layers import Factored, Use, batched
+from trustml.privacy.factored import Factored, Use, batched
 
 
 def _unbatched_error(module: nn.Module, x: Tensor, spatial: int) -> ValueError:
@@ -128,4 +127,3 @@ class ConvRule:
 
 
 RULES: dict[type, ConvRule] = {nn.Conv1d: ConvRule(1), nn.Conv2d: ConvRule(2), nn.Conv3d: ConvRule(3)}
-LAYER_RULES.update(RULES)  # chosen by exact class, like every fast rule

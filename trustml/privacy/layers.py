@@ -16,12 +16,14 @@ Rules never see the batch mixing of autograd: every tensor they get has the batc
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from trustml.privacy.conv import RULES as CONV_RULES
+from trustml.privacy.factored import Factored, Use, batched
 
 try:  # Hugging Face's transposed linear layer (GPT-2); optional so trustml.privacy imports alone
     from transformers.pytorch_utils import Conv1D
@@ -29,104 +31,10 @@ except ImportError:  # pragma: no cover - transformers is a dependency
     Conv1D = None
 
 
-@dataclass
-class Factored:
-    """Per-sample gradient G_i = X_i^T Y_i of a 2-D parameter of shape (m, n).
-
-    ``x`` is (B, T, m) dense, or (B, T) token ids one-hot over ``vocab`` rows (then m = vocab);
-    ``y`` is (B, T, n). Several calls of the same layer are concatenated along T.
-    """
-
-    x: Tensor
-    y: Tensor
-    vocab: int | None = None
-
-    def __post_init__(self) -> None:
-        # Under autocast the two factors can differ (bf16 activations, fp32 output grads): compute
-        # in the wider type so the products below are defined and no precision is thrown away.
-        if not self.indexed and self.x.dtype != self.y.dtype:
-            common = torch.promote_types(self.x.dtype, self.y.dtype)
-            self.x, self.y = self.x.to(common), self.y.to(common)
-
-    @property
-    def indexed(self) -> bool:
-        return self.vocab is not None
-
-    def ghost_cheaper(self) -> bool:
-        """FLOP estimate: Gram matrices T^2 (m + n) versus materialising T m n per sample."""
-        if self.indexed:
-            return True  # materialising is B x vocab x n: never worth it
-        t, m, n = self.x.shape[1], self.x.shape[2], self.y.shape[2]
-        return t * (m + n) <= m * n
-
-    def materialise(self) -> Tensor:
-        """(B, m, n) per-sample gradients."""
-        b, t, n = self.y.shape
-        if self.indexed:
-            out = self.y.new_zeros(b, self.vocab, n)
-            return out.scatter_add_(1, self.x.unsqueeze(-1).expand(b, t, n), self.y)
-        return torch.bmm(self.x.transpose(1, 2), self.y)
-
-    def weighted_sum(self, c: Tensor, into: Tensor | None = None) -> Tensor:
-        """sum_i c_i G_i as one matmul (one index_add for token ids), added to ``into`` if given."""
-        b, t, n = self.y.shape
-        c = c.to(self.y.dtype).view(b, 1, 1)
-        if self.indexed:
-            out = self.y.new_zeros(self.vocab, n) if into is None else into
-            return out.index_add_(0, self.x.reshape(-1), (self.y * c).reshape(-1, n).to(out.dtype))
-        x, y = self.x, self.y
-        if x.shape[2] <= n:  # scale the smaller factor
-            x = x * c
-        else:
-            y = y * c
-        x, y = x.reshape(b * t, -1).T, y.reshape(b * t, n)
-        return x @ y if into is None else into.addmm_(x.to(into.dtype), y.to(into.dtype))
-
-
-def gram(u: Factored, v: Factored) -> Tensor:
-    """(B, T_u, T_v) matrix X_u X_v^T, using token equality / gathers for one-hot factors."""
-    if u.indexed and v.indexed:
-        return (u.x.unsqueeze(2) == v.x.unsqueeze(1)).to(u.y.dtype)
-    if u.indexed:  # (X_u X_v^T)[t, s] = X_v[s, id_t]
-        return v.x.gather(2, u.x.unsqueeze(1).expand(-1, v.x.shape[1], -1)).transpose(1, 2)
-    if v.indexed:
-        return gram(v, u).transpose(1, 2)
-    return torch.bmm(u.x, v.x.transpose(1, 2))
-
-
-def inner(u: Factored, v: Factored, dtype: torch.dtype) -> Tensor:
-    """(B,) per-sample Frobenius inner products <G_u,i, G_v,i>, accumulated in ``dtype``."""
-    gx = gram(u, v).to(dtype)
-    gy = torch.bmm(u.y, v.y.transpose(1, 2)).to(dtype)
-    return (gx * gy).sum((1, 2))
-
-
-def merge(uses: list[Factored]) -> list[Factored]:
-    """Concatenate uses of the same kind along T: sum_k X_k^T Y_k = [X_1; X_2]^T [Y_1; Y_2]."""
-    groups: dict[Any, list[Factored]] = {}
-    for use in uses:
-        key = ("ids", use.vocab) if use.indexed else ("dense", use.x.shape[2])
-        groups.setdefault(key, []).append(use)
-    return [
-        g[0]
-        if len(g) == 1
-        else Factored(torch.cat([u.x for u in g], 1), torch.cat([u.y for u in g], 1), g[0].vocab)
-        for g in groups.values()
-    ]
-
-
-def batched(t: Tensor, batch: int) -> Tensor:
-    """Expand a broadcast input of batch 1 (e.g. GPT-2's default position ids) to ``batch``."""
-    return t.expand(batch, *t.shape[1:]) if t.shape[0] == 1 and batch > 1 else t
-
-
 def _rows(t: Tensor, batch: int, width: int | None = None) -> Tensor:
     """(B, T, width) view of a (B, ..., width) tensor; (B, T) for ids when width is None."""
     t = batched(t, batch)
     return t.reshape(batch, -1) if width is None else t.reshape(batch, -1, width)
-
-
-Use = Factored | Tensor
 
 
 class Rule(Protocol):
@@ -299,9 +207,10 @@ RULES: dict[type, Rule] = {
     nn.EmbeddingBag: EmbeddingBagRule(),
     nn.LayerNorm: LayerNormRule(),
     nn.GroupNorm: GroupNormRule(),
+    **CONV_RULES,
 }
 """Fast rules by EXACT class. A subclass inherits its base's rule only if :func:`plain_subclass`
-holds; other modules register their rules here (trustml.privacy.conv: Conv1d/2d/3d)."""
+holds."""
 if Conv1D is not None:
     RULES[Conv1D] = Conv1DRule()
 
