@@ -240,3 +240,28 @@ def test_threshold_selection_finds_a_feasible_threshold_that_0_5_misses_and_fold
     pred = (predict_scores(model, val.x) >= 0.5).astype(np.int64)  # folded into the bias
     assert demographic_parity_difference(y, pred, s) == pytest.approx(
         summary["fairness_selected_val_selected_gap"], abs=2 / n)
+
+
+def test_verdicts_compare_the_best_trustml_mean_with_threshold_optimizer():
+    from trustml.fairness.frontier import aggregate, verdicts
+
+    def row(method, seed, acc, gap):
+        return {"method": method, "target": 0.02, "seed": seed, "accuracy": acc, "gap": gap,
+                "selection_rate": 0.2, "constant": False}
+
+    rows = [row("trustml rate on scores", s, 0.84 + s / 100, 0.015) for s in range(3)]
+    rows += [row("trustml mmd on representation", s, 0.80, 0.01) for s in range(3)]
+    rows += [row("Fairlearn ThresholdOptimizer + MLP", s, 0.845, 0.025 * s) for s in range(3)]
+    (line,) = verdicts(aggregate(rows), [0.02])
+    assert "trustml rate on scores at accuracy 0.850" in line and "3/3 seeds" in line
+    assert "0.845" in line and "(1/3)" in line and "**met** (+0.005)" in line
+    rows = [r | {"accuracy": 0.83} if r["method"].startswith("trustml rate") else r for r in rows]
+    assert "**not met** (-0.015)" in verdicts(aggregate(rows), [0.02])[0]
+
+
+def test_frontier_reductions_flag_is_checked(tmp_path):
+    from trustml.fairness.sweep import sweep_main
+
+    with pytest.raises(cfgmod.ConfigError, match="--reductions"):
+        sweep_main(["--config", "configs/adult_fair_target.yaml", "--targets", "0.02",
+                    "--reductions", "MLP", "--run-dir", str(tmp_path / "f")])

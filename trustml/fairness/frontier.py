@@ -62,7 +62,7 @@ def _trustml_points(config: Config, seed: int, targets: list[float], penalties: 
         for target in targets:
             cfg = with_penalty(base, penalty, base.fairness.weight)
             cfg.fairness.target = target
-            jobs.append((f"trustml {penalty} (target)", target, cfg))
+            jobs.append((f"trustml {penalty} on {cfg.fairness.acts_on}", target, cfg))
     rows, plain_model = [], None
     for method, target, cfg in jobs:
         result = run_training(cfg, run_dir / f"{_slug(method)}-t{target}-s{seed}", progress=progress)
