@@ -154,7 +154,7 @@ def plot(summary: list[dict[str, Any]], notion: str, path: Path) -> None:
         if a["target"] is None:
             ax.plot(a["gap"], a["accuracy"], "k*", ms=9)
             ax.annotate(a["method"], (a["gap"], a["accuracy"]), fontsize=7,
-                        textcoords="offset points", xytext=(4, -8))
+                        textcoords="offset points", xytext=(-4, -10), ha="right")
     ax.set_xlabel(f"{GAP[notion][0]} (test, mean ± sd over seeds)")
     ax.set_ylabel("accuracy (test, mean ± sd over seeds)")
     ax.set_title("Accuracy-fairness fronts (stars: unconstrained models)")
