@@ -145,8 +145,9 @@ class PrivacyConfig(Section):
 
 
 class FairnessConfig(Section):
-    penalty: Literal["none", "mmd", "sinkhorn"] = Field(
-        "none", description="distance between groups added to the loss (refused with privacy)")
+    penalty: Literal["none", "mmd", "sinkhorn", "rate"] = Field(
+        "none", description="distance between groups added to the loss (refused with privacy); "
+        "rate: gap between the groups' mean P(y=1), the soft selection rate (acts_on: scores)")
     weight: float = Field(1.0, ge=0, description="lambda multiplying the penalty")
     notion: Literal["dp", "eo"] = Field(
         "dp", description="dp: all samples; eo: positives (y = 1) only")
@@ -167,11 +168,19 @@ class FairnessConfig(Section):
         "multiplier is adapted by dual ascent, starting from weight (null: fixed weight)")
     update_every: int = Field(10, ge=1, description="steps between dual updates (with target)")
     dual_lr: float = Field(0.5, gt=0, description="dual ascent step on log(lambda) (with target)")
+    margin: float = Field(
+        0.0, ge=0, lt=1, description="with target: iterates and thresholds are selected at a "
+        "validation gap <= target * (1 - margin), room for the noise of the validation reading")
+    select_threshold: bool = Field(
+        True, description="with target: pick the most accurate decision threshold meeting the "
+        "constraint on validation (one for all groups, folded into the head's bias)")
 
     @model_validator(mode="after")
     def _frequencies_need_mmd(self) -> "FairnessConfig":
         if self.frequencies is not None and self.penalty != "mmd":
             raise ValueError(f"frequencies is an MMD setting; penalty is {self.penalty!r}")
+        if self.penalty == "rate" and self.acts_on != "scores":
+            raise ValueError("penalty 'rate' compares the groups' mean P(y=1): set acts_on: scores")
         if self.target is not None and self.penalty == "none":
             raise ValueError("target needs a penalty to adapt (penalty: mmd or sinkhorn)")
         return self

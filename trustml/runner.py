@@ -175,7 +175,8 @@ def _constrained(config: Config, step: PlainStep, parts: Parts):
         raise ConfigError("fairness.target: needs a tabular dataset with a sensitive attribute")
     f = config.fairness
     return ConstrainedStep(step, step.penalties[0], parts.data.val, target=f.target,
-                           notion=f.notion, update_every=f.update_every, dual_lr=f.dual_lr)
+                           notion=f.notion, update_every=f.update_every, dual_lr=f.dual_lr,
+                           margin=f.margin, select_threshold=f.select_threshold)
 
 
 def run_training(config: Config, run_dir: str | Path | None = None, resume: bool = False,

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from trustml import config as cfgmod
+from trustml.evaluation.tabular import predict_scores
 from trustml.fairness.bootstrap import bootstrap_interval
 from trustml.fairness.constraint import ConstrainedStep
 from trustml.fairness.metrics import demographic_parity_difference
@@ -122,7 +123,18 @@ def test_constrained_run_meets_target_on_validation_and_reports_test_interval(tm
         "fairness.target=0.05", "fairness.update_every=5"])
     summary = run_training(cfg, tmp_path / "run", progress=False).summary
     assert summary["fairness_target_met_on_val"]
-    assert summary["fairness_selected_val_gap"] <= 0.05
+    assert summary["fairness_selected_val_selected_gap"] <= 0.05
+    # the chosen threshold is folded into the saved model: its decisions at 0.5 meet the bound
+    from trustml.evaluation.report import load_run
+    from trustml.evaluation.tabular import predict_scores
+
+    ctx = load_run(tmp_path / "run", device="cpu")
+    val = ctx.parts.data.val
+    pred = (predict_scores(ctx.model, val) >= 0.5).astype(int)
+    assert demographic_parity_difference(val.y.numpy(), pred, val.s.numpy()) == pytest.approx(
+        summary["fairness_selected_val_selected_gap"], abs=2 / len(val.y))
+    assert (pred == val.y.numpy()).mean() == pytest.approx(
+        summary["fairness_selected_val_selected_accuracy"], abs=2 / len(val.y))
     lo, hi = summary["test_gap_ci95"]
     assert lo <= summary["test_gap"] <= hi
     saved = json.loads((tmp_path / "run" / "summary.json").read_text())
@@ -190,3 +202,66 @@ def test_with_penalty_none_drops_the_target():
     plain = with_penalty(cfg, "none", 0.0)
     assert plain.fairness.target is None and plain.fairness.penalty == "none"
     assert with_penalty(cfg, "sinkhorn", 1.0).fairness.target == 0.02
+
+
+class Linear2(nn.Module):
+    """P(y=1) = sigmoid(x0) through a two-logit linear head, as the MLP's head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = nn.Linear(1, 2)
+        with torch.no_grad():
+            self.head.weight.copy_(torch.tensor([[0.0], [1.0]]))
+            self.head.bias.zero_()
+
+    def forward(self, x):
+        return self.head(x)
+
+
+def test_threshold_selection_finds_a_feasible_threshold_that_0_5_misses_and_folds_it():
+    rng = np.random.default_rng(0)
+    n = 2000
+    s = rng.integers(0, 2, n)
+    x0 = rng.normal(0.4 * s, 1.0)  # group 1 scores higher: at 0.5 the gap is large
+    y = (x0 + rng.normal(0, 0.5, n) > 0.3).astype(np.int64)
+    val = SimpleNamespace(x=torch.tensor(x0, dtype=torch.float32)[:, None],
+                          y=torch.tensor(y), s=torch.tensor(s))
+    model = Linear2()
+    penalty = FairnessPenalty(lambda z, a, b: z.sum() * 0, 1.0)
+    step = PlainStep(torch.optim.SGD(model.parameters(), lr=0.0), [penalty])
+    plain = ConstrainedStep(step, penalty, val, target=0.1, notion="dp", select_threshold=False)
+    assert plain.measure(model)["val_gap"] > 0.1 and not plain.finish(model)[
+        "fairness_target_met_on_val"]
+    con = ConstrainedStep(step, penalty, val, target=0.1, notion="dp", margin=0.2)
+    summary = con.finish(model)
+    assert summary["fairness_target_met_on_val"]
+    chosen = summary["fairness_selected_threshold"]
+    assert chosen != 0.5 and summary["fairness_selected_val_selected_gap"] <= 0.08
+    pred = (predict_scores(model, val.x) >= 0.5).astype(np.int64)  # folded into the bias
+    assert demographic_parity_difference(y, pred, s) == pytest.approx(
+        summary["fairness_selected_val_selected_gap"], abs=2 / n)
+
+
+def test_verdicts_compare_the_best_trustml_mean_with_threshold_optimizer():
+    from trustml.fairness.frontier import aggregate, verdicts
+
+    def row(method, seed, acc, gap):
+        return {"method": method, "target": 0.02, "seed": seed, "accuracy": acc, "gap": gap,
+                "selection_rate": 0.2, "constant": False}
+
+    rows = [row("trustml rate on scores", s, 0.84 + s / 100, 0.015) for s in range(3)]
+    rows += [row("trustml mmd on representation", s, 0.80, 0.01) for s in range(3)]
+    rows += [row("Fairlearn ThresholdOptimizer + MLP", s, 0.845, 0.025 * s) for s in range(3)]
+    (line,) = verdicts(aggregate(rows), [0.02])
+    assert "trustml rate on scores at accuracy 0.850" in line and "3/3 seeds" in line
+    assert "0.845" in line and "(1/3)" in line and "**met** (+0.005)" in line
+    rows = [r | {"accuracy": 0.83} if r["method"].startswith("trustml rate") else r for r in rows]
+    assert "**not met** (-0.015)" in verdicts(aggregate(rows), [0.02])[0]
+
+
+def test_frontier_reductions_flag_is_checked(tmp_path):
+    from trustml.fairness.sweep import sweep_main
+
+    with pytest.raises(cfgmod.ConfigError, match="--reductions"):
+        sweep_main(["--config", "configs/adult_fair_target.yaml", "--targets", "0.02",
+                    "--reductions", "MLP", "--run-dir", str(tmp_path / "f")])

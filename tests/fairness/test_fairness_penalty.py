@@ -83,3 +83,23 @@ def test_missing_output_is_a_clear_error():
     batch, out = _batch()
     with pytest.raises(ValueError, match=r"outputs\['z'\]"):
         build_penalty(FairnessConfig(penalty="mmd"))(batch, {"logits": out["logits"]})
+
+
+@pytest.mark.parametrize("groups", [2, 3])
+def test_rate_penalty_is_the_gap_of_mean_p_class_1(groups):
+    batch, out = _batch(groups=groups)
+    pen = build_penalty(FairnessConfig(penalty="rate", weight=2.0, acts_on="scores"))
+    p, s = torch.softmax(out["logits"], -1)[:, 1], batch["s"]
+    if groups == 2:
+        expected = abs(p[s == 0].mean() - p[s == 1].mean())
+    else:  # each group against the pooled rest
+        expected = sum(abs(p[s == g].mean() - p[s != g].mean()) for g in range(groups))
+    assert pen(batch, out).item() == pytest.approx(2.0 * float(expected))
+    # the same decisions for every sample: no gap, whatever the groups
+    out["logits"] = torch.zeros_like(out["logits"])
+    assert pen(batch, out).item() == pytest.approx(0.0)
+
+
+def test_rate_penalty_needs_scores():
+    with pytest.raises(ValueError, match="acts_on: scores"):
+        FairnessConfig(penalty="rate")

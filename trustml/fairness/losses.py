@@ -147,3 +147,15 @@ def sinkhorn(x: Tensor, y: Tensor, blur: float = 0.05, p: int = 2, scaling: floa
         raise ValueError(f"sinkhorn scaling: expected in (0, 1), got {scaling}")
     x, y = _check_samples(x, y, 1, "sinkhorn")
     return _samples_loss(p, float(blur), float(scaling))(x.contiguous(), y.contiguous())
+
+
+def mean_gap_between(z: Tensor, first: Tensor, second: Tensor) -> Tensor:
+    """|mean of ``z[first[p]]`` - mean of ``z[second[p]]``| per row p of the (P, B) 0/1 masks.
+
+    On scores P(y=1) this is the soft selection-rate gap: the demographic parity difference of the
+    expected decisions, the gap DPD measures, with no kernel or transport plan in between (a
+    distance between whole distributions asks for more than parity and costs accuracy for it).
+    """
+    value = z.reshape(len(z), -1)[:, 0]
+    first, second = first.to(value.dtype), second.to(value.dtype)
+    return ((first @ value) / first.sum(1) - (second @ value) / second.sum(1)).abs()

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from trustml.config import Config, FairnessConfig
-from trustml.fairness.losses import mmd_between, sinkhorn
+from trustml.fairness.losses import mean_gap_between, mmd_between, sinkhorn
 
 MaskedDistance = Callable[[Tensor, Tensor, Tensor], Tensor]
 """``(z, first, second) -> (P,)``: distance between ``z[first[p]]`` and ``z[second[p]]`` per row p."""
@@ -104,6 +104,8 @@ def build_penalty(cfg: FairnessConfig) -> FairnessPenalty | None:
     if cfg.penalty == "mmd":
         distance = partial(mmd_between, bandwidth=cfg.bandwidth, frequencies=cfg.frequencies)
         minimum = 2
+    elif cfg.penalty == "rate":
+        distance, minimum = mean_gap_between, 1
     else:
         distance, minimum = split_pairs(partial(sinkhorn, blur=cfg.blur, scaling=cfg.scaling)), 1
     return FairnessPenalty(distance, cfg.weight, cfg.notion, cfg.acts_on, minimum, name=cfg.penalty)
@@ -116,5 +118,7 @@ def with_penalty(config: Config, penalty: str, weight: float) -> Config:
         cfg.fairness.frequencies = None
     if penalty == "none":  # nothing left to steer: the unconstrained model
         cfg.fairness.target = None
+    if penalty == "rate":  # a gap between mean scores: it acts on P(y=1) only
+        cfg.fairness.acts_on = "scores"
     cfg.fairness.penalty, cfg.fairness.weight = penalty, weight
     return cfg

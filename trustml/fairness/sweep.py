@@ -50,10 +50,10 @@ def _floats(text: str, name: str) -> list[float]:
 
 def _names(text: str) -> list[str]:
     names = [v.strip() for v in text.split(",") if v.strip()]
-    bad = [n for n in names if n not in ("mmd", "sinkhorn")]
+    bad = [n for n in names if n not in ("mmd", "sinkhorn", "rate")]
     if not names or bad:
         raise ConfigError(
-            f"--penalties: expected a comma-separated subset of mmd,sinkhorn, got {text!r}"
+            f"--penalties: expected a comma-separated subset of mmd,sinkhorn,rate, got {text!r}"
         )
     return names
 
@@ -79,40 +79,29 @@ def train_point(config: Config, run_dir: Path, resume: bool = False) -> dict[str
 
 
 def fairlearn_points(config: Config) -> tuple[dict[str, dict[str, Any]], str | None]:
-    """Fairlearn reference points on the same split, or a note saying why they are missing."""
+    """Fairlearn reference points on the same split (ExponentiatedGradient and ThresholdOptimizer
+    on logistic regression at a gap of 0.01, from :func:`trustml.fairness.baselines.
+    fairlearn_predictions`), or a note saying why they are missing."""
     try:
-        from fairlearn.postprocessing import ThresholdOptimizer
-        from fairlearn.reductions import DemographicParity, ExponentiatedGradient
-        from sklearn.linear_model import LogisticRegression
+        import fairlearn  # noqa: F401
+        import sklearn  # noqa: F401
     except ImportError as err:
         return (
             {},
             f"Fairlearn reference points skipped ({err.name} not installed: pip install trustml[bench]).",
         )
     from trustml.data.tabular import load_tabular
+    from trustml.fairness.baselines import fairlearn_predictions
 
     data = load_tabular(config.data, seed=config.run.seed)
-    x, y, s = data.train.x.double().numpy(), data.train.y.numpy(), data.train.s.numpy()
-    xt, yt, st = data.test.x.double().numpy(), data.test.y.numpy(), data.test.s.numpy()
-    points = {}
-    eg = ExponentiatedGradient(LogisticRegression(max_iter=1000), DemographicParity(), eps=0.01)
-    eg.fit(x, y, sensitive_features=s)
-    pred = eg.predict(xt, random_state=config.run.seed)  # a randomised classifier: hard labels
-    points["fairlearn ExpGrad(DP) + LogReg"] = classification_report(
-        yt, pred.astype(float), st, group_names=data.group_names
-    )
-    to = ThresholdOptimizer(
-        estimator=LogisticRegression(max_iter=1000),
-        constraints="demographic_parity",
-        predict_method="predict_proba",
-        prefit=False,
-    )
-    to.fit(x, y, sensitive_features=s)
-    pred = to.predict(xt, sensitive_features=st, random_state=config.run.seed)
-    points["fairlearn ThresholdOptimizer(DP) + LogReg"] = classification_report(
-        yt, pred.astype(float), st, group_names=data.group_names
-    )
-    return points, None
+    split = [(p.x.double().numpy(), p.y.numpy(), p.s.numpy()) for p in (data.train, data.test)]
+    notion = config.fairness.notion
+    rows = fairlearn_predictions(*split, [0.01], notion, config.run.seed,
+                                 estimators_on=("LogReg",))
+    _, yt, st = split[1]
+    return {f"fairlearn {r['method'].removeprefix('Fairlearn ')} ({notion.upper()} <= 0.01)":
+            classification_report(yt, r["pred"].astype(float), st, group_names=data.group_names)
+            for r in rows if r["target"] is not None}, None
 
 
 def plot(
@@ -270,6 +259,9 @@ def sweep_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--targets", help="comma-separated fairness.target values: a constrained "
                         "frontier beside Fairlearn instead of a weight sweep")
     parser.add_argument("--seeds", default="0,1,2", help="with --targets: comma-separated seeds")
+    parser.add_argument("--reductions", default="LogReg", help="with --targets: base estimators "
+                        "of Fairlearn's ExponentiatedGradient, a subset of LogReg,HistGB, or none "
+                        "(HistGB takes minutes per target)")
     args = parser.parse_args(argv)
     set_quiet(args.quiet)
     grid: dict[str, Any] = {"weights": "0,0.1,1,3", "penalties": "mmd,sinkhorn"}
@@ -325,8 +317,14 @@ def _frontier_main(config: Config, args: argparse.Namespace, penalties: list[str
         seeds = [int(v) for v in args.seeds.split(",") if v.strip()]
     except ValueError:
         raise ConfigError(f"--seeds: expected comma-separated integers, got {args.seeds!r}") from None
+    reductions = tuple(v.strip() for v in args.reductions.split(",") if v.strip())
+    if reductions == ("none",):
+        reductions = ()
+    if any(r not in ("LogReg", "HistGB") for r in reductions):
+        raise ConfigError(f"--reductions: expected a subset of LogReg,HistGB or none, got "
+                          f"{args.reductions!r}")
     result = run_frontier(config, targets, seeds, penalties, run_dir, not args.no_references,
-                          not args.quiet)
+                          not args.quiet, reductions)
     for a in result["summary"]:
         target = "-" if a["target"] is None else f"{a['target']:g}"
         print(f"{a['method']:>44} target={target:<5} acc={a['accuracy']:.4f}±{a['accuracy_sd']:.4f} "
