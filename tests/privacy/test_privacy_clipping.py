@@ -231,6 +231,25 @@ def test_untouched_gpt2_tied_default_positions(strategy):
     check(model, lm_loss, [torch.randint(0, 100, (4, 12))], strategy)
 
 
+def test_expanded_call_output_held_only_until_proved():
+    """GPT-2's batch-1 positions are expanded; the logits the proof replays against must not be
+    held by the clipper on every later step (a logits-sized copy per step), yet a second,
+    still-unproved pass after a proven forward is refused, not taken on trust."""
+    torch.manual_seed(11)
+    model = tiny_gpt2().double()
+    clipper = PerSampleClipper(model, 1.0)
+    ids = torch.randint(0, 100, (4, 12))
+    losses = lm_loss(model, ids)
+    assert clipper._calls and clipper._calls[0].output is not None  # unproven: kept for the proof
+    clipper.backward(losses)
+    losses = lm_loss(model, ids)
+    assert clipper._calls and clipper._calls[0].output is None  # proven structure: released
+    clipper.backward(losses)
+    lm_loss(model, ids)  # two forwards before one backward: a new, unproved structure
+    with pytest.raises(ValueError, match="more than once before backward"):
+        clipper.backward(lm_loss(model, ids) + 0)
+
+
 def test_accumulates_over_physical_batches():
     torch.manual_seed(10)
     model = nn.Sequential(nn.Linear(5, 3)).double()

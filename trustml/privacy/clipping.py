@@ -244,9 +244,23 @@ class PerSampleClipper:
 
     def _note_output(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         if self._recording and self._call is not None and self._call.expanded:
-            self._call.output = output
+            # The output (an LM's logits) is what the proof replays against; held only while
+            # this pass's structure is unproven, else it would cost a logits-sized copy per step.
+            if self._signature(self._records, self._trainable, self._batch) not in self._proven:
+                self._call.output = output
             self._calls.append(self._call)
         self._call = None
+
+    @staticmethod
+    def _signature(records: list[_Record], trainable: list, batch: int) -> tuple:
+        """What a proof covers: which calls ran, which of their output dims had the batch size,
+        the trainable set, and whether the batch has more than one sample."""
+        return (
+            tuple((id(r.module), tuple(tuple(s == batch for s in o[0]) for o in r.outputs))
+                  for r in records),
+            tuple(id(p) for p in trainable),
+            batch > 1,
+        )
 
     def _enter(self, module: nn.Module, args: tuple) -> None:
         if self._recording and isinstance(self._rule(module), GenericRule):
@@ -328,12 +342,7 @@ class PerSampleClipper:
             raise ValueError(
                 "no layer with trainable parameters ran in the forward pass since the last backward"
             )
-        signature = (
-            tuple((id(r.module), tuple(tuple(s == batch for s in o[0]) for o in r.outputs))
-                  for r in records),
-            tuple(id(p) for p in trainable),
-            batch > 1,
-        )
+        signature = self._signature(records, trainable, batch)
         dims = self._proven.get(signature)
         if dims is None:
             self._prove_expansions(calls, batch)
@@ -428,6 +437,12 @@ class PerSampleClipper:
         self._recording = False
         try:
             for call in calls:
+                if call.output is None:  # released: its forward alone matched a proven pass
+                    raise Refusal(
+                        f"{call.expanded[0]}: its batch-1 output was expanded in a pass of a new "
+                        "structure (the model called more than once before backward?) whose "
+                        "expansion cannot be re-checked; call the clipper's backward after each "
+                        "forward, or build a new PerSampleClipper for this pattern")
                 how = unchanged(self.model, call)
                 if how is not None:
                     raise Refusal(
