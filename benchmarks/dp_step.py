@@ -555,7 +555,7 @@ def targets(results: list[dict]) -> str:
             f"| {row.title} | {goal} | {verdict(ours['ratio'], row.time_target)} "
             f"| {verdict(memory_ratio(ours, base), row.memory_target)} "
             f"| {fastest} "
-            f"| {'yes' if not best or ours['ratio'] < best['ratio'] else '**no**'} |")
+            f"| {'-' if not best else 'yes' if ours['ratio'] < best['ratio'] else '**no**'} |")
     return "\n".join(lines)
 
 
