@@ -26,6 +26,12 @@ one-time probe and float64 self-check, Opacus's first allocations).
     python benchmarks/dp_step.py --out dp_step.md                 # every CPU row (prints an estimate)
     python benchmarks/dp_step.py --rows cnn,mlp256 --repeats 9    # a subset
     python benchmarks/dp_step.py --device cuda --rows gpt2small512 --amp bf16
+    python benchmarks/dp_step.py --rows mlp256 --methods "non-private,trustml,trustml budget,trustml clipper"
+    python benchmarks/dp_step.py --rows bert --profile "trustml clipper"   # top ops
+
+trustml's parts (not in the default run): ``trustml budget`` checks an epsilon budget before every
+step as the training loop does; ``trustml clipper`` is ``PerSampleClipper.backward`` and the
+optimizer, without noise or accountant.
 """
 
 from __future__ import annotations
@@ -50,7 +56,7 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from trustml.privacy import make_private  # noqa: E402
+from trustml.privacy import PerSampleClipper, make_private  # noqa: E402
 from trustml.training.step import PlainStep  # noqa: E402
 
 
@@ -219,6 +225,37 @@ def trustml_dp(model, batch, row, amp, explicit_ids):
     return lambda: dp.step.step(model, objective, batch)
 
 
+def trustml_budget(model, batch, row, amp, explicit_ids):
+    """trustml as the loop drives it under ``privacy.epsilon_budget``: ``exhausted()`` every step."""
+    dp = make_private(model, optimizer(model.parameters(), row), Rows(batch), noise_multiplier=1.0,
+                      target_delta=1e-5, epochs=1, max_grad_norm=1.0, batch_size=row.batch, amp=amp,
+                      epsilon_budget=1e3)
+    objective = objective_for(row, explicit_ids)
+
+    def step():
+        if dp.step.exhausted():
+            raise RuntimeError("budget spent")
+        dp.step.step(model, objective, batch)
+
+    return step
+
+
+def trustml_clipper(model, batch, row, amp, explicit_ids):
+    """The per-sample clipper alone (no noise, no accountant): what clipping costs by itself."""
+    clipper, opt = PerSampleClipper(model, 1.0), optimizer(model.parameters(), row)
+    objective = objective_for(row, explicit_ids)
+    device = device_of(model)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        with amp_context(device, amp):
+            losses = objective(model, batch).losses
+        clipper.backward(losses)
+        opt.step()
+
+    return step
+
+
 def backward_then_step(model, opt, objective, batch, amp, reduce=lambda losses: losses.mean()):
     """The usual loop body of the hook-based peers: zero, forward, backward, step."""
     device = device_of(model)
@@ -304,11 +341,14 @@ class Method:
     module: str | None = None  # the package it needs (recorded as absent when it does not import)
     peer: bool = True  # runs the untouched model first, then the workaround
     cost: float = 2.5  # rough step time over the plain step (for the estimate)
+    diagnostic: bool = False  # trustml's parts, for profiling: only when --methods names it
 
 
 METHODS: dict[str, Method] = {
     "non-private": Method(non_private, peer=False, cost=1.0),
     "trustml": Method(trustml_dp, peer=False, cost=1.3),
+    "trustml budget": Method(trustml_budget, peer=False, cost=1.3, diagnostic=True),
+    "trustml clipper": Method(trustml_clipper, peer=False, cost=1.2, diagnostic=True),
     "Opacus hooks": Method(opacus_sample, "opacus"),
     "Opacus functorch": Method(lambda *a: opacus_sample(*a, functorch=True), "opacus", cost=3.0),
     "Opacus ghost": Method(opacus_ghost, "opacus"),
@@ -448,6 +488,21 @@ def start(row_key: str, name: str, device: torch.device, args) -> tuple[Callable
     return None, result
 
 
+def profile_row(row_key: str, method: str, device: torch.device, args) -> None:
+    """Where one method's step spends its time: the top ops of three warm steps."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step, result = start(row_key, method, device, args)
+    if step is None:
+        print(f"{row_key}: {method} did not run: {result}")
+        return
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(3):
+            step()
+    print(f"{row_key}: {method}")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30))
+
+
 def run_row(row_key: str, methods: list[str], device: torch.device, args) -> list[dict]:
     """Build every method, warm up, then time them round-robin; memory in subprocesses."""
     results, steps = {}, {}
@@ -545,8 +600,7 @@ def targets(results: list[dict]) -> str:
                 return f"{value:.2f}x"
             return f"{value:.2f}x ({'met' if value <= target else '**not met**'})"
 
-        peers = [r for name, r in by.items() if name not in ("non-private", "trustml")
-                 and "ratio" in r]
+        peers = [r for name, r in by.items() if METHODS[name].peer and "ratio" in r]
         best = min(peers, key=lambda r: r["ratio"], default=None)
         fastest = f"{best['method']} {best['ratio']:.2f}x" if best else "none ran"
         goal = " / ".join(f"<= {t:.2f}x" if t else "-" for t in (row.time_target,
@@ -581,7 +635,12 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--rows", default=None, help=f"comma list of {', '.join(ROWS)} (default: "
                         "every row the device runs)")
-    parser.add_argument("--methods", default=",".join(METHODS), help="comma list of methods")
+    parser.add_argument("--methods", default=",".join(k for k, m in METHODS.items()
+                                                      if not m.diagnostic),
+                        help=f"comma list of {', '.join(METHODS)} (default: all but trustml's "
+                        "parts)")
+    parser.add_argument("--profile", default=None, metavar="METHOD",
+                        help="print a torch.profiler table of METHOD's step on each row instead")
     parser.add_argument("--warmup", type=int, default=None, help="warm-up steps (default per row)")
     parser.add_argument("--repeats", type=int, default=None, help="timed rounds (default per row)")
     parser.add_argument("--amp", default="none", choices=["none", "bf16"])
@@ -608,6 +667,12 @@ def main() -> None:
     unknown = [k for k in keys if k not in ROWS] + [m for m in methods if m not in METHODS]
     if unknown:
         parser.error(f"unknown rows/methods: {unknown}")
+    if args.profile:
+        if args.profile not in METHODS:
+            parser.error(f"unknown --profile method {args.profile!r}")
+        for key in keys:
+            profile_row(key, args.profile, device, args)
+        return
     if "non-private" not in methods:
         parser.error("--methods must include non-private (the ratios are to it)")
     print(f"estimated run time: ~{estimate(keys, methods, args) / 60:.0f} min of CPU time "
