@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 
 from trustml import config as cfgmod
@@ -38,11 +39,44 @@ def test_transfer_driver(tmp_path):
             r = summary["per_seed"][seed][enc]
             lo, hi = r["hours_dp_ci95"]
             assert lo <= r["hours_test"]["demographic_parity_difference"] <= hi
+        lo, hi = summary["per_seed"][seed]["dp_difference_ci95"]
+        assert lo <= summary["per_seed"][seed]["dp_difference"] <= hi
     assert 0 <= summary["transfer_fair_lower_on_seeds"] <= 2
     assert summary["transfer_accuracy_plain"] > 0.5
-    assert "lower on" in (tmp_path / "transfer" / "report.md").read_text()
+    lo, hi = summary["transfer_dp_difference_ci95"]
+    assert lo <= summary["transfer_dp_difference"] <= hi
+    report = (tmp_path / "transfer" / "report.md").read_text()
+    assert "lower on" in report and "paired difference" in report and "transfer.png" in report
+    assert (tmp_path / "transfer" / "transfer.png").stat().st_size > 0
     with pytest.raises(cfgmod.ConfigError, match="fairness.penalty"):
         experiments.transfer(_config(tmp_path), tmp_path / "bad")
+
+
+def _fake_seed(fair_dp, plain_dp, fair_acc, plain_acc):
+    def encoder(dp, acc):
+        return {"hours_test": {"demographic_parity_difference": dp, "accuracy": acc},
+                "income_test": {"accuracy": 0.84}}
+    return {"fair": encoder(fair_dp, fair_acc), "plain": encoder(plain_dp, plain_acc),
+            "dp_difference_ci95": [fair_dp - plain_dp - 0.02, fair_dp - plain_dp + 0.02],
+            "hours_majority_accuracy": 0.6}
+
+
+def test_transfer_over_seeds_on_fake_rows():
+    from scipy import stats
+
+    fair, plain = [0.03, 0.02, 0.05], [0.15, 0.14, 0.16]
+    per_seed = {k: _fake_seed(f, p, 0.70 + 0.01 * k, 0.72) for k, (f, p) in enumerate(zip(fair, plain))}
+    agg = experiments._over_seeds(per_seed)
+    assert agg["transfer_dp_fair"] == pytest.approx(np.mean(fair))
+    assert agg["transfer_dp_fair_ci95"] == pytest.approx(
+        list(stats.t.interval(0.95, 2, loc=np.mean(fair), scale=stats.sem(fair))))
+    ci = stats.ttest_rel(fair, plain).confidence_interval()
+    assert agg["transfer_dp_difference_ci95"] == pytest.approx([ci.low, ci.high])
+    assert agg["transfer_accuracy_difference"] == pytest.approx(-0.01)
+    assert agg["transfer_fair_lower_on_seeds"] == 3
+    assert agg["transfer_difference_excludes_zero_on_seeds"] == 3
+    one = experiments._over_seeds({0: _fake_seed(0.03, 0.15, 0.7, 0.7)})
+    assert one["transfer_dp_fair_ci95"] == [None, None] and one["transfer_dp_fair_sd"] == 0
 
 
 def test_postprocess_driver(tmp_path):

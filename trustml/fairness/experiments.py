@@ -70,11 +70,12 @@ def _encode(model, x: np.ndarray) -> np.ndarray:
 
 
 def _transfer_seed(config: Config, seed: int, run_dir: Path) -> dict[str, Any]:
-    """One seed of the transfer experiment: both encoders, their income and hours>40 reports."""
+    """One seed of the transfer experiment: both encoders, their income and hours>40 reports, and
+    the paired difference fair - plain of the hours>40 DPD with a bootstrap interval (the same
+    resampled test rows for both encoders)."""
     from trustml.evaluation.tabular import predict_scores
     from trustml.fairness.bootstrap import bootstrap_interval
     from trustml.fairness.linear import fit_linear
-    from trustml.fairness.metrics import demographic_parity_difference
     from trustml.runner import run_training
 
     config = config.model_copy(deep=True)
@@ -86,8 +87,9 @@ def _transfer_seed(config: Config, seed: int, run_dir: Path) -> dict[str, Any]:
         )
     splits = {name: getattr(data, name) for name in ("train", "val", "test")}
     labels = {n: (split.raw[HOURS] > 40).astype(np.int64) for n, split in splits.items()}
-    s_test = splits["test"].s.numpy()
+    y_test, s_test = labels["test"], splits["test"].s.numpy()
     results: dict[str, Any] = {}
+    preds: dict[str, np.ndarray] = {}
     for name, cfg in (("fair", config), ("plain", with_penalty(config, "none", 0.0))):
         trained = run_training(cfg, run_dir / f"encoder_{name}_seed{seed}", progress=False)
         z = {
@@ -97,20 +99,192 @@ def _transfer_seed(config: Config, seed: int, run_dir: Path) -> dict[str, Any]:
         mean, std = z["train"].mean(0), z["train"].std(0) + 1e-6
         head = fit_linear((z["train"] - mean) / std, labels["train"], "logistic", c=1.0)
         scores = head.predict_scores((z["test"] - mean) / std)
-        second = classification_report(labels["test"], scores, s_test, group_names=data.group_names)
+        second = classification_report(y_test, scores, s_test, group_names=data.group_names)
         income = classification_report(
             splits["test"].y.numpy(), predict_scores(trained.model, splits["test"]), s_test,
             group_names=data.group_names,
         )
-        pred = (scores >= 0.5).astype(np.int64)
+        preds[name] = (scores >= 0.5).astype(np.int64)
         results[name] = {
             "income_test": {k: v for k, v in income.items() if k != "groups"},
             "hours_test": {k: v for k, v in second.items() if k != "groups"},
             "hours_groups": second["groups"],
-            "hours_dp_ci95": bootstrap_interval(demographic_parity_difference, labels["test"],
-                                                pred, s_test, seed=seed),
+            "hours_dp_ci95": bootstrap_interval(_dpd, y_test, preds[name], s_test, seed=seed),
+            "hours_accuracy_ci95": bootstrap_interval(_accuracy, y_test, preds[name], s_test,
+                                                      seed=seed),
+            "hours_selection_rate": float(preds[name].mean()),
         }
+    both = np.stack([preds["fair"], preds["plain"]], axis=1)
+    results["dp_difference"] = _dpd_difference(y_test, both, s_test)
+    results["dp_difference_ci95"] = bootstrap_interval(_dpd_difference, y_test, both, s_test,
+                                                       seed=seed)
+    results["hours_majority_accuracy"] = float(max(y_test.mean(), 1 - y_test.mean()))
+    results["hours_test_group_sizes"] = {
+        name: int((s_test == g).sum()) for g, name in enumerate(data.group_names)}
     return results
+
+
+def _dpd(y: np.ndarray, pred: np.ndarray, s: np.ndarray) -> float:
+    from trustml.fairness.metrics import demographic_parity_difference
+
+    return demographic_parity_difference(y, pred, s)
+
+
+def _accuracy(y: np.ndarray, pred: np.ndarray, _: np.ndarray) -> float:
+    return float((y == pred).mean())
+
+
+def _dpd_difference(y: np.ndarray, both: np.ndarray, s: np.ndarray) -> float:
+    """DPD of the first column's predictions minus that of the second's (rows resampled together)."""
+    return _dpd(y, both[:, 0], s) - _dpd(y, both[:, 1], s)
+
+
+ENCODERS = {"fair": "fair encoder", "plain": "plain encoder"}
+
+
+def _over_seeds(per_seed: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    """Mean and 95% t-interval over seeds of each encoder's hours>40 DPD and accuracy, its income
+    accuracy, and the paired difference fair - plain of the DPD and of the accuracy."""
+    from trustml.fairness.seeds import finite_or_none, paired_difference, t_interval
+
+    def column(encoder: str, task: str, key: str) -> list[float]:
+        return [r[encoder][task][key] for r in per_seed.values()]
+
+    out: dict[str, Any] = {}
+
+    def put(name: str, stat: tuple[float, float, float]) -> None:
+        out[name] = stat[0]
+        out[f"{name}_ci95"] = [finite_or_none(stat[1]), finite_or_none(stat[2])]
+
+    dp, acc = "demographic_parity_difference", "accuracy"
+    for enc in ENCODERS:
+        values = column(enc, "hours_test", dp)
+        put(f"transfer_dp_{enc}", t_interval(values))
+        out[f"transfer_dp_{enc}_sd"] = float(np.std(values, ddof=1 if len(values) > 1 else 0))
+        put(f"transfer_accuracy_{enc}", t_interval(column(enc, "hours_test", acc)))
+        put(f"income_accuracy_{enc}", t_interval(column(enc, "income_test", acc)))
+    put("transfer_dp_difference", paired_difference(column("fair", "hours_test", dp),
+                                                    column("plain", "hours_test", dp)))
+    put("transfer_accuracy_difference", paired_difference(column("fair", "hours_test", acc),
+                                                          column("plain", "hours_test", acc)))
+    out["transfer_fair_lower_on_seeds"] = int(sum(
+        f < p for f, p in zip(column("fair", "hours_test", dp), column("plain", "hours_test", dp))))
+    out["transfer_difference_excludes_zero_on_seeds"] = int(sum(
+        r["dp_difference_ci95"][1] < 0 for r in per_seed.values()))
+    out["hours_majority_accuracy"] = float(np.mean(
+        [r["hours_majority_accuracy"] for r in per_seed.values()]))
+    return out
+
+
+def _interval(value: float, bounds: Any, digits: int = 3) -> str:
+    lo, hi = bounds
+    if lo is None:
+        return f"{value:.{digits}f}"
+    return f"{value:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
+
+
+def _transfer_lines(config: Config, per_seed: dict[int, dict[str, Any]],
+                    agg: dict[str, Any]) -> list[str]:
+    seeds = list(per_seed)
+    label = f"{config.fairness.penalty} (weight {config.fairness.weight:g})"
+    rows = ["| seed | encoder | income acc | income DP diff | hours>40 acc [95% CI] | hours>40 AUC "
+            "| hours>40 selection rate | hours>40 DP diff [95% CI] | hours>40 EO diff |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    dp = "demographic_parity_difference"
+    for seed, res in per_seed.items():
+        for enc, name in (("plain", "plain (unpenalised)"), ("fair", f"fair: {label}")):
+            r = res[enc]
+            rows.append(
+                f"| {seed} | {name} | {_fmt(r['income_test']['accuracy'])} | "
+                f"{_fmt(r['income_test'][dp])} | "
+                f"{_interval(r['hours_test']['accuracy'], r['hours_accuracy_ci95'])} | "
+                f"{_fmt(r['hours_test']['auc'])} | {r['hours_selection_rate']:.3f} | "
+                f"{_interval(r['hours_test'][dp], r['hours_dp_ci95'])} | "
+                f"{_fmt(r['hours_test']['equal_opportunity_difference'])} |")
+    diffs = ["| seed | hours>40 DP diff, fair - plain [95% paired bootstrap CI] | test group sizes |",
+             "|---|---|---|"]
+    for seed, res in per_seed.items():
+        sizes = ", ".join(f"{k} {v}" for k, v in res["hours_test_group_sizes"].items())
+        diffs.append(f"| {seed} | {_interval(res['dp_difference'], res['dp_difference_ci95'])} "
+                     f"| {sizes} |")
+    a = agg
+    n = len(seeds)
+    lo, hi = a["transfer_dp_difference_ci95"]
+    if lo is None:
+        verdict = "one seed: no interval over seeds (set run.seeds to at least two seeds)"
+    elif hi < 0:
+        verdict = "the fair encoder's advantage holds: the interval of the mean difference is below 0"
+    elif lo > 0:
+        verdict = "the fair encoder is worse: the interval of the mean difference is above 0"
+    else:
+        verdict = "no advantage shown: the interval of the mean difference contains 0"
+    return [
+        (f"Encoder trained on income (sensitive = {config.data.sensitive}), frozen; a fresh "
+         "logistic-regression head predicts hours-per-week > 40 (hours input masked). Test split; "
+         f"seeds {seeds}. Per seed, brackets are 95% percentile bootstrap intervals over the test "
+         "rows; over seeds, the mean and its 95% t-interval."), "",
+        *rows, "", *diffs, "",
+        f"Over {n} seed(s), mean [95% t-interval]:", "",
+        f"- hours>40 demographic parity difference: fair encoder "
+        f"{_interval(a['transfer_dp_fair'], a['transfer_dp_fair_ci95'])}, plain encoder "
+        f"{_interval(a['transfer_dp_plain'], a['transfer_dp_plain_ci95'])}; paired difference "
+        f"fair - plain {_interval(a['transfer_dp_difference'], a['transfer_dp_difference_ci95'])}"
+        f"; the fair encoder is lower on {a['transfer_fair_lower_on_seeds']} of {n} seeds "
+        f"(bootstrap interval of the difference below 0 on "
+        f"{a['transfer_difference_excludes_zero_on_seeds']}): **{verdict}**.",
+        f"- hours>40 accuracy: fair encoder "
+        f"{_interval(a['transfer_accuracy_fair'], a['transfer_accuracy_fair_ci95'])}, plain "
+        f"{_interval(a['transfer_accuracy_plain'], a['transfer_accuracy_plain_ci95'])} "
+        f"(paired difference "
+        f"{_interval(a['transfer_accuracy_difference'], a['transfer_accuracy_difference_ci95'])}; "
+        f"majority class {a['hours_majority_accuracy']:.3f}: an accuracy near it would be a "
+        "collapsed head, whose low gap is no advantage).",
+        f"- income accuracy (the encoders' own task): fair "
+        f"{_interval(a['income_accuracy_fair'], a['income_accuracy_fair_ci95'])}, plain "
+        f"{_interval(a['income_accuracy_plain'], a['income_accuracy_plain_ci95'])}.",
+        "", "![transfer](transfer.png)",
+    ]
+
+
+def _plot_transfer(per_seed: dict[int, dict[str, Any]], agg: dict[str, Any], path: Path) -> None:
+    """Per seed, each encoder's hours>40 DPD and accuracy with bootstrap error bars; the mean over
+    seeds as a line and its t-interval as a band."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    seeds = list(per_seed)
+    x = np.arange(len(seeds), dtype=float)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
+    panels = (("demographic_parity_difference", "hours_dp_ci95", "transfer_dp",
+               "hours>40 demographic parity difference (test)"),
+              ("accuracy", "hours_accuracy_ci95", "transfer_accuracy", "hours>40 accuracy (test)"))
+    for ax, (key, ci, agg_key, ylabel) in zip(axes, panels):
+        for k, (enc, name) in enumerate(ENCODERS.items()):
+            xs = x + (k - 0.5) * 0.2
+            values = np.array([r[enc]["hours_test"][key] for r in per_seed.values()])
+            bounds = np.array([r[enc][ci] for r in per_seed.values()])
+            bars = ax.errorbar(xs, values, yerr=[values - bounds[:, 0], bounds[:, 1] - values],
+                               fmt="o", capsize=3, label=f"{name}, per seed (bootstrap 95% CI)")
+            color = bars[0].get_color()
+            mean, (lo, hi) = agg[f"{agg_key}_{enc}"], agg[f"{agg_key}_{enc}_ci95"]
+            ax.axhline(mean, color=color, lw=1, ls="--", label=f"{name}, mean over seeds")
+            if lo is not None:
+                ax.axhspan(lo, hi, color=color, alpha=0.12)
+        if key == "accuracy":
+            ax.axhline(agg["hours_majority_accuracy"], color="grey", lw=1, ls=":",
+                       label="majority class")
+        ax.set_xticks(x, [str(s) for s in seeds])
+        ax.set_xlabel("seed")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+    handles, labels = axes[1].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=8, loc="lower center", ncol=3, frameon=False)
+    fig.suptitle("Transfer to hours-per-week > 40: bands are the 95% t-interval of the mean")
+    fig.tight_layout(rect=(0, 0.14, 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def transfer(config: Config, run_dir: Path) -> dict[str, Any]:
@@ -119,8 +293,9 @@ def transfer(config: Config, run_dir: Path) -> dict[str, Any]:
 
     The encoders see all features; for the second task the hours-per-week input is masked to its
     training mean (standardised 0, about 40 h) so its label cannot leak. The head is a logistic
-    regression on the frozen representation; the report compares the second task's demographic
-    parity difference (with a 95% bootstrap interval per seed, and mean +- sd over seeds).
+    regression on the frozen representation. The report gives, per seed, the second task's
+    demographic parity difference and accuracy with 95% bootstrap intervals and the paired
+    difference fair - plain; over seeds, their means with 95% t-intervals; and transfer.png.
     """
     if config.fairness.penalty == "none":
         raise ConfigError(
@@ -129,57 +304,12 @@ def transfer(config: Config, run_dir: Path) -> dict[str, Any]:
     run_dir = Path(run_dir)
     seeds = config.run.seeds or [config.run.seed]
     per_seed = {seed: _transfer_seed(config, seed, run_dir) for seed in seeds}
-    dp_key = "demographic_parity_difference"
-    rows = ["| seed | encoder | income acc | income DP diff | hours>40 acc | hours>40 AUC "
-            "| hours>40 DP diff [95% CI] | hours>40 EO diff |", "|---|---|---|---|---|---|---|---|"]
-    label = f"{config.fairness.penalty} (weight {config.fairness.weight:g})"
-    for seed, res in per_seed.items():
-        for name, r in (("unpenalised", res["plain"]), (label, res["fair"])):
-            lo, hi = r["hours_dp_ci95"]
-            rows.append(
-                f"| {seed} | {name} | {_fmt(r['income_test']['accuracy'])} | "
-                f"{_fmt(r['income_test'][dp_key])} | {_fmt(r['hours_test']['accuracy'])} | "
-                f"{_fmt(r['hours_test']['auc'])} | {_fmt(r['hours_test'][dp_key])} "
-                f"[{lo:.3f}, {hi:.3f}] | {_fmt(r['hours_test']['equal_opportunity_difference'])} |"
-            )
-    fair = np.array([r["fair"]["hours_test"][dp_key] for r in per_seed.values()])
-    plain = np.array([r["plain"]["hours_test"][dp_key] for r in per_seed.values()])
-    wins = int((fair < plain).sum())
-    ddof = 1 if len(seeds) > 1 else 0
-    lines = [
-        (
-            f"Encoder trained on income (sensitive = {config.data.sensitive}), frozen; a fresh logistic-"
-            "regression head predicts hours-per-week > 40 (hours input masked). Test split; "
-            f"seeds {seeds}."
-        ),
-        "",
-        *rows,
-        "",
-        (
-            f"Second-task demographic parity difference, mean ± sd over {len(seeds)} seed(s): "
-            f"penalised {fair.mean():.4f} ± {fair.std(ddof=ddof):.4f}, unpenalised "
-            f"{plain.mean():.4f} ± {plain.std(ddof=ddof):.4f}; the penalised encoder is lower on "
-            f"{wins} of {len(seeds)} seeds."
-        ),
-    ]
-    first = per_seed[seeds[0]]
-    summary = {
-        "seeds": seeds,
-        "per_seed": {str(k): v for k, v in per_seed.items()},
-        "fair": first["fair"],
-        "plain": first["plain"],
-        "transfer_dp_fair": float(fair.mean()),
-        "transfer_dp_plain": float(plain.mean()),
-        "transfer_dp_fair_sd": float(fair.std(ddof=ddof)),
-        "transfer_dp_plain_sd": float(plain.std(ddof=ddof)),
-        "transfer_fair_lower_on_seeds": wins,
-        "transfer_accuracy_fair": float(np.mean([r["fair"]["hours_test"]["accuracy"]
-                                                  for r in per_seed.values()])),
-        "transfer_accuracy_plain": float(np.mean([r["plain"]["hours_test"]["accuracy"]
-                                                   for r in per_seed.values()])),
-    }
-    return _write(run_dir, "Fair representation transfer: income -> hours-per-week > 40", lines,
-                  summary)
+    agg = _over_seeds(per_seed)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _plot_transfer(per_seed, agg, run_dir / "transfer.png")
+    summary = {"seeds": seeds, "per_seed": {str(k): v for k, v in per_seed.items()}, **agg}
+    return _write(run_dir, "Fair representation transfer: income -> hours-per-week > 40",
+                  _transfer_lines(config, per_seed, agg), summary)
 
 
 # ---------------------------------------------------------------- post-processing
