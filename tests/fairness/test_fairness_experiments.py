@@ -39,6 +39,9 @@ def test_transfer_driver(tmp_path):
             r = summary["per_seed"][seed][enc]
             lo, hi = r["hours_dp_ci95"]
             assert lo <= r["hours_test"]["demographic_parity_difference"] <= hi
+        matched = summary["per_seed"][seed]["plain_at_fair_rate"]
+        fair_rate = summary["per_seed"][seed]["fair"]["hours_selection_rate"]
+        assert matched["selection_rate"] == pytest.approx(fair_rate, abs=0.02)
         lo, hi = summary["per_seed"][seed]["dp_difference_ci95"]
         assert lo <= summary["per_seed"][seed]["dp_difference"] <= hi
     assert 0 <= summary["transfer_fair_lower_on_seeds"] <= 2
@@ -54,11 +57,12 @@ def test_transfer_driver(tmp_path):
 
 def _fake_seed(fair_dp, plain_dp, fair_acc, plain_acc):
     def encoder(dp, acc):
-        return {"hours_test": {"demographic_parity_difference": dp, "accuracy": acc},
+        return {"hours_test": {"demographic_parity_difference": dp, "accuracy": acc, "auc": 0.7},
                 "income_test": {"accuracy": 0.84}}
     return {"fair": encoder(fair_dp, fair_acc), "plain": encoder(plain_dp, plain_acc),
             "dp_difference_ci95": [fair_dp - plain_dp - 0.02, fair_dp - plain_dp + 0.02],
-            "hours_majority_accuracy": 0.6}
+            "hours_majority_accuracy": 0.6,
+            "plain_at_fair_rate": {"dp": 0.08, "selection_rate": 0.07}}
 
 
 def test_transfer_over_seeds_on_fake_rows():
@@ -73,6 +77,7 @@ def test_transfer_over_seeds_on_fake_rows():
     ci = stats.ttest_rel(fair, plain).confidence_interval()
     assert agg["transfer_dp_difference_ci95"] == pytest.approx([ci.low, ci.high])
     assert agg["transfer_accuracy_difference"] == pytest.approx(-0.01)
+    assert agg["transfer_dp_difference_at_fair_rate"] == pytest.approx(np.mean(fair) - 0.08)
     assert agg["transfer_fair_lower_on_seeds"] == 3
     assert agg["transfer_difference_excludes_zero_on_seeds"] == 3
     one = experiments._over_seeds({0: _fake_seed(0.03, 0.15, 0.7, 0.7)})

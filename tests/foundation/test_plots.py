@@ -163,12 +163,13 @@ def test_frontier_figure(tmp_path, written):
 
 def test_transfer_figure(tmp_path, written):
     def encoder(dp, acc):
-        return {"hours_test": {"demographic_parity_difference": dp, "accuracy": acc},
+        return {"hours_test": {"demographic_parity_difference": dp, "accuracy": acc, "auc": 0.7},
                 "income_test": {"accuracy": 0.84}, "hours_dp_ci95": [dp - 0.01, dp + 0.012],
                 "hours_accuracy_ci95": [acc - 0.007, acc + 0.007]}
 
     per_seed = {s: {"fair": encoder(0.03 + 0.01 * s, 0.70), "plain": encoder(0.15, 0.72),
-                    "dp_difference_ci95": [-0.14, -0.1], "hours_majority_accuracy": 0.6}
+                    "dp_difference_ci95": [-0.14, -0.1], "hours_majority_accuracy": 0.6,
+                    "plain_at_fair_rate": {"dp": 0.08, "selection_rate": 0.07}}
                 for s in range(3)}
     experiments._plot_transfer(per_seed, experiments._over_seeds(per_seed),
                                tmp_path / "transfer.png")

@@ -90,6 +90,7 @@ def _transfer_seed(config: Config, seed: int, run_dir: Path) -> dict[str, Any]:
     y_test, s_test = labels["test"], splits["test"].s.numpy()
     results: dict[str, Any] = {}
     preds: dict[str, np.ndarray] = {}
+    scores_by: dict[str, np.ndarray] = {}
     for name, cfg in (("fair", config), ("plain", with_penalty(config, "none", 0.0))):
         trained = run_training(cfg, run_dir / f"encoder_{name}_seed{seed}", progress=False)
         z = {
@@ -105,6 +106,7 @@ def _transfer_seed(config: Config, seed: int, run_dir: Path) -> dict[str, Any]:
             group_names=data.group_names,
         )
         preds[name] = (scores >= 0.5).astype(np.int64)
+        scores_by[name] = scores
         results[name] = {
             "income_test": {k: v for k, v in income.items() if k != "groups"},
             "hours_test": {k: v for k, v in second.items() if k != "groups"},
@@ -118,6 +120,11 @@ def _transfer_seed(config: Config, seed: int, run_dir: Path) -> dict[str, Any]:
     results["dp_difference"] = _dpd_difference(y_test, both, s_test)
     results["dp_difference_ci95"] = bootstrap_interval(_dpd_difference, y_test, both, s_test,
                                                        seed=seed)
+    # a head that says yes less often has a smaller DPD by that alone: the plain head at the fair
+    # head's selection rate separates what the representation removed from what the rate did
+    matched = (scores_by["plain"] >= np.quantile(scores_by["plain"], 1 - preds["fair"].mean()))
+    results["plain_at_fair_rate"] = {"selection_rate": float(matched.mean()),
+                                     "dp": _dpd(y_test, matched.astype(np.int64), s_test)}
     results["hours_majority_accuracy"] = float(max(y_test.mean(), 1 - y_test.mean()))
     results["hours_test_group_sizes"] = {
         name: int((s_test == g).sum()) for g, name in enumerate(data.group_names)}
@@ -163,6 +170,12 @@ def _over_seeds(per_seed: dict[int, dict[str, Any]]) -> dict[str, Any]:
         out[f"transfer_dp_{enc}_sd"] = float(np.std(values, ddof=1 if len(values) > 1 else 0))
         put(f"transfer_accuracy_{enc}", t_interval(column(enc, "hours_test", acc)))
         put(f"income_accuracy_{enc}", t_interval(column(enc, "income_test", acc)))
+    matched = [r["plain_at_fair_rate"]["dp"] for r in per_seed.values()]
+    put("transfer_dp_plain_at_fair_rate", t_interval(matched))
+    put("transfer_dp_difference_at_fair_rate",
+        paired_difference(column("fair", "hours_test", dp), matched))
+    for enc in ENCODERS:
+        put(f"transfer_auc_{enc}", t_interval(column(enc, "hours_test", "auc")))
     put("transfer_dp_difference", paired_difference(column("fair", "hours_test", dp),
                                                     column("plain", "hours_test", dp)))
     put("transfer_accuracy_difference", paired_difference(column("fair", "hours_test", acc),
@@ -181,6 +194,11 @@ def _interval(value: float, bounds: Any, digits: int = 3) -> str:
     if lo is None:
         return f"{value:.{digits}f}"
     return f"{value:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
+
+
+def _stat(summary: dict[str, Any], key: str) -> str:
+    """``summary[key]`` with its interval ``summary[key + '_ci95']``."""
+    return _interval(summary[key], summary[f"{key}_ci95"])
 
 
 def _transfer_lines(config: Config, per_seed: dict[int, dict[str, Any]],
@@ -226,22 +244,31 @@ def _transfer_lines(config: Config, per_seed: dict[int, dict[str, Any]],
         *rows, "", *diffs, "",
         f"Over {n} seed(s), mean [95% t-interval]:", "",
         f"- hours>40 demographic parity difference: fair encoder "
-        f"{_interval(a['transfer_dp_fair'], a['transfer_dp_fair_ci95'])}, plain encoder "
-        f"{_interval(a['transfer_dp_plain'], a['transfer_dp_plain_ci95'])}; paired difference "
-        f"fair - plain {_interval(a['transfer_dp_difference'], a['transfer_dp_difference_ci95'])}"
+        f"{_stat(a, 'transfer_dp_fair')}, plain encoder "
+        f"{_stat(a, 'transfer_dp_plain')}; paired difference "
+        f"fair - plain {_stat(a, 'transfer_dp_difference')}"
         f"; the fair encoder is lower on {a['transfer_fair_lower_on_seeds']} of {n} seeds "
         f"(bootstrap interval of the difference below 0 on "
         f"{a['transfer_difference_excludes_zero_on_seeds']}): **{verdict}**.",
+        f"- at the same selection rate (the plain head's threshold moved so that it says yes as "
+        f"often as the fair head): plain encoder DPD "
+        f"{_stat(a, 'transfer_dp_plain_at_fair_rate')}"
+        f", paired difference fair - plain "
+        f"{_stat(a, 'transfer_dp_difference_at_fair_rate')}"
+        " (a smaller selection rate alone shrinks the gap).",
+        f"- hours>40 AUC (threshold-free): fair encoder "
+        f"{_stat(a, 'transfer_auc_fair')}, plain "
+        f"{_stat(a, 'transfer_auc_plain')}.",
         f"- hours>40 accuracy: fair encoder "
-        f"{_interval(a['transfer_accuracy_fair'], a['transfer_accuracy_fair_ci95'])}, plain "
-        f"{_interval(a['transfer_accuracy_plain'], a['transfer_accuracy_plain_ci95'])} "
+        f"{_stat(a, 'transfer_accuracy_fair')}, plain "
+        f"{_stat(a, 'transfer_accuracy_plain')} "
         f"(paired difference "
-        f"{_interval(a['transfer_accuracy_difference'], a['transfer_accuracy_difference_ci95'])}; "
+        f"{_stat(a, 'transfer_accuracy_difference')}; "
         f"majority class {a['hours_majority_accuracy']:.3f}: an accuracy near it would be a "
         "collapsed head, whose low gap is no advantage).",
         f"- income accuracy (the encoders' own task): fair "
-        f"{_interval(a['income_accuracy_fair'], a['income_accuracy_fair_ci95'])}, plain "
-        f"{_interval(a['income_accuracy_plain'], a['income_accuracy_plain_ci95'])}.",
+        f"{_stat(a, 'income_accuracy_fair')}, plain "
+        f"{_stat(a, 'income_accuracy_plain')}.",
         "", "![transfer](transfer.png)",
     ]
 
