@@ -329,5 +329,7 @@ def _frontier_main(config: Config, args: argparse.Namespace, penalties: list[str
         target = "-" if a["target"] is None else f"{a['target']:g}"
         print(f"{a['method']:>44} target={target:<5} acc={a['accuracy']:.4f}±{a['accuracy_sd']:.4f} "
               f"gap={a['gap']:.4f}±{a['gap_sd']:.4f}")
+    for line in [*result["noise"][2:], *result["verdicts"]]:
+        print(line.replace("**", ""))
     print(f"frontier directory: {run_dir} (report.md, frontier.png)")
     return 0
