@@ -74,6 +74,9 @@ def test_verdict_pairs_the_accuracy_by_seed():
             else r for r in rows]
     (line,) = frontier.verdicts(frontier.aggregate(rows), [0.02], rows)
     assert "**not met**" in line and line.endswith("lower")
+    rows = [r | {"constant": r["seed"] == 1} if r["method"].startswith("trustml rate") else r
+            for r in rows]
+    assert "3/3 seeds; 1 near-constant)" in frontier.verdicts(frontier.aggregate(rows), [0.02])[0]
     only_zero = [r for r in rows if r["seed"] == 0 or r["method"] != frontier.REFERENCE]
     assert "paired" not in frontier.verdicts(frontier.aggregate(only_zero), [0.02], only_zero)[0]
 

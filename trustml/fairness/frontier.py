@@ -240,7 +240,9 @@ def verdicts(summary: list[dict[str, Any]], targets: list[float],
     from trustml.fairness.seeds import paired_difference
 
     def sure(a: dict[str, Any]) -> str:
-        return "" if a.get("certified") is None else f", {a['certified']} sure"
+        text = "" if a.get("certified") is None else f", {a['certified']} sure"
+        # a (near-)constant predictor meets any gap: say so where the verdict is read
+        return text + (f"; {a['constant']} near-constant" if a.get("constant") else "")
 
     def accuracy(method: str, target: float) -> dict[int, float]:
         return {r["seed"]: r["accuracy"] for r in rows or []
