@@ -1,6 +1,8 @@
 """The side-by-side frontier's statistics: the gap's bootstrap interval, seeds meeting a target
 surely, the too-noisy-to-certify verdict, the paired accuracy verdict, and ExpGrad on every seed."""
 
+import json
+
 import numpy as np
 import pytest
 from scipy import stats
@@ -95,9 +97,7 @@ def test_noise_lines_say_when_the_test_set_cannot_certify_a_target():
     assert "3 surely" in high and "too noisy" not in high
 
 
-def test_one_command_fits_expgrad_on_every_seed(tmp_path, monkeypatch):
-    calls = []
-
+def _fakes(monkeypatch, calls):
     def fake_trustml(config, seed, targets, penalties, run_dir, progress):
         return ([_row("MLP (unconstrained)", seed, 0.85, 0.2, target=None)]
                 + [_row("trustml rate on scores", seed, 0.83, t - 0.005, target=t,
@@ -115,6 +115,11 @@ def test_one_command_fits_expgrad_on_every_seed(tmp_path, monkeypatch):
     monkeypatch.setattr(frontier, "_trustml_points", fake_trustml)
     monkeypatch.setattr(frontier, "_baseline_points", fake_baselines)
     monkeypatch.setattr(frontier, "_reload_plain", lambda config, seed, run_dir: ("d", "m"))
+
+
+def test_one_command_fits_expgrad_on_every_seed(tmp_path, monkeypatch):
+    calls = []
+    _fakes(monkeypatch, calls)
     cfg = cfgmod.load("configs/adult_fair_target.yaml")
     for seed in (0, 1):  # seeds fitted one process each, without ExpGrad
         frontier.run_frontier(cfg, [0.02, 0.05], [seed], ["rate"], tmp_path, progress=False,
@@ -134,3 +139,17 @@ def test_one_command_fits_expgrad_on_every_seed(tmp_path, monkeypatch):
     assert (tmp_path / "frontier.png").stat().st_size > 0
     with pytest.raises(cfgmod.ConfigError, match="targets"):
         frontier.run_frontier(cfg, [0.03], [0], ["rate"], tmp_path, progress=False)
+
+
+def test_expgrad_rows_of_the_older_layout_are_not_counted_twice(tmp_path, monkeypatch):
+    calls = []
+    _fakes(monkeypatch, calls)
+    (tmp_path / "points").mkdir()
+    old = [_row(frontier.REFERENCE, 0, 0.838, 0.015), _row("Fairlearn ExpGrad + LogReg", 0, 0.83,
+                                                              0.016)]
+    (tmp_path / "points" / "fairlearn-s0.json").write_text(json.dumps(old))
+    result = frontier.run_frontier(cfgmod.load("configs/adult_fair_target.yaml"), [0.02], [0],
+                                   ["rate"], tmp_path, progress=False)
+    assert calls == [(0, ("LogReg",), "Fairlearn ExpGrad")]
+    seeds = {a["method"]: a["seeds"] for a in result["summary"]}
+    assert seeds["Fairlearn ExpGrad + LogReg"] == 1 and seeds[frontier.REFERENCE] == 1
