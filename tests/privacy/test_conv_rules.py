@@ -184,3 +184,39 @@ def test_materialised_in_chunks_of_samples(monkeypatch, build, shape, samples_pe
     conv = build()
     monkeypatch.setattr(conv_rules, "CHUNK_ELEMENTS", conv.weight.numel() * samples_per_chunk)
     assert_exact(conv, torch.randn(shape), "materialise")
+
+
+COLLISION_CASES = [  # the batch size equals another dim: channels, length, height, depth, kernel
+    (lambda: nn.Conv1d(4, 4, 4, padding="same"), (4, 4, 4)),
+    (lambda: nn.Conv1d(3, 6, 3, stride=2, padding=3, dilation=3, groups=3, padding_mode="circular"),
+     (3, 3, 3 * 3)),
+    (lambda: nn.Conv2d(4, 4, 3, padding=1), (4, 4, 4, 4)),
+    (lambda: nn.Conv2d(2, 4, (2, 3), stride=(3, 2), padding=(2, 1), padding_mode="reflect"), (2, 2, 5, 2)),
+    (lambda: nn.Conv2d(6, 3, 3, padding="same", dilation=2, groups=3, bias=False), (3, 6, 3, 7)),
+    (lambda: nn.Conv3d(2, 2, 2, padding=1, padding_mode="replicate"), (2, 2, 2, 2, 2)),
+    (lambda: nn.Conv3d(3, 3, (1, 3, 2), stride=(1, 1, 3), padding="valid", groups=3), (3, 3, 3, 5, 7)),
+]
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("case", range(len(COLLISION_CASES)))
+def test_batch_size_equal_to_another_dim(case, strategy):
+    """The rule reads the batch from dim 0 only: a batch size that also is a channel, spatial or
+    kernel size (odd and even sizes, asymmetric 'same' padding) changes nothing."""
+    torch.manual_seed(8)
+    build, shape = COLLISION_CASES[case]
+    model = nn.Sequential(build(), nn.Tanh())
+    assert_exact(model, torch.randn(shape), strategy)
+
+
+@pytest.mark.parametrize("padding_mode", ["zeros", "reflect", "replicate", "circular"])
+def test_odd_sizes_through_a_conv_stack(padding_mode):
+    """Two convolutions of different dimensionality and options in one model, odd sizes throughout."""
+    torch.manual_seed(9)
+    model = nn.Sequential(
+        nn.Conv2d(3, 6, (3, 2), stride=(2, 1), padding=(1, 1), dilation=(1, 2), groups=3,
+                  padding_mode=padding_mode),
+        nn.GroupNorm(3, 6), nn.Tanh(), nn.Flatten(2),
+        nn.Conv1d(6, 5, 3, padding="same", dilation=2, padding_mode=padding_mode),
+    )
+    assert_exact(model, torch.randn(5, 3, 7, 5))
