@@ -178,12 +178,54 @@ def test_gram_path(case, strategy):
         (lambda: nn.Conv3d(2, 4, 2, padding=1, padding_mode="circular", groups=2), (5, 2, 3, 4, 3)),
     ],
 )
-def test_materialised_in_chunks_of_samples(monkeypatch, build, shape, samples_per_chunk):
-    """Large layers are materialised a few samples at a time (the last chunk may be shorter)."""
+@pytest.mark.parametrize("route", ["grouped", "unfolded"])
+def test_materialised_in_chunks_of_samples(monkeypatch, build, shape, samples_per_chunk, route):
+    """Large layers are materialised a few samples at a time (the last chunk may be shorter), by
+    either route: the grouped convolution or im2col + bmm."""
     torch.manual_seed(7)
     conv = build()
+    x = torch.randn(shape)
+    monkeypatch.setattr(conv_rules, "UNFOLD_WIDTH", 0 if route == "unfolded" else 10**9)
     monkeypatch.setattr(conv_rules, "CHUNK_ELEMENTS", conv.weight.numel() * samples_per_chunk)
-    assert_exact(conv, torch.randn(shape), "materialise")
+    columns = conv_rules.columns(conv, x[:1], x.dim() - 2).numel()
+    monkeypatch.setattr(conv_rules, "COLUMN_ELEMENTS", columns * samples_per_chunk)
+    assert_exact(conv, x, "materialise")
+
+
+UNFOLDED_CASES = [
+    *[(nn.Conv2d, (4, 6, (3, 2), *case[:4], case[4]), (5, 4, 7, 6)) for case in CONV2D_CASES],
+    *[(nn.Conv1d, (3, 4, 3), (2, 3, 9), {"padding": p, "padding_mode": m, "dilation": d})
+      for p, m, d in [(1, "reflect", 1), (2, "circular", 2), ("same", "replicate", 2),
+                      ("valid", "zeros", 1)]],
+    (nn.Conv3d, (2, 4, (2, 3, 1)), (3, 2, 4, 5, 3), {"stride": (1, 2, 1), "padding": (1, 0, 2)}),
+    (nn.Conv3d, (2, 4, 2), (3, 2, 4, 5, 3), {"dilation": (2, 1, 1), "groups": 2, "bias": False}),
+    (nn.Conv3d, (2, 4, 3), (3, 2, 4, 5, 3), {"padding": "same", "padding_mode": "circular"}),
+    (nn.Conv3d, (2, 4, 2), (3, 2, 4, 5, 3), {"stride": 2, "padding": 1, "padding_mode": "replicate"}),
+]
+
+
+@pytest.mark.parametrize("case", range(len(UNFOLDED_CASES)))
+def test_unfolded_route(monkeypatch, case):
+    """im2col + bmm materialises exactly for every stride, padding, dilation, groups and
+    padding mode of Conv1d/2d/3d (forced here; by default it takes small maps of wide patches)."""
+    torch.manual_seed(10)
+    cls, args, shape, *kwargs = UNFOLDED_CASES[case]
+    monkeypatch.setattr(conv_rules, "UNFOLD_WIDTH", 0)
+    assert_exact(nn.Sequential(cls(*args, **(kwargs[0] if kwargs else {})), nn.Tanh()),
+                 torch.randn(shape), "materialise")
+
+
+def test_route_choice_follows_the_shape(monkeypatch):
+    """Small maps of wide patches go through im2col + bmm, large maps through the grouped kernel."""
+    calls = []
+    for name in ("per_sample_weight_grads", "unfolded_weight_grads"):
+        real = getattr(conv_rules, name)
+        monkeypatch.setattr(conv_rules, name, lambda *a, _f=real, _n=name: calls.append(_n) or _f(*a))
+    for conv, shape in [(nn.Conv2d(64, 8, 3, padding=1, groups=2), (2, 64, 4, 4)),
+                        (nn.Conv2d(3, 8, 3, padding=1), (2, 3, 16, 16))]:
+        g = conv(torch.randn(shape))
+        list(ConvRule(2).uses(conv, torch.randn(shape), [g.detach()], 2))
+    assert calls == ["unfolded_weight_grads", "per_sample_weight_grads"]
 
 
 COLLISION_CASES = [  # the batch size equals another dim: channels, length, height, depth, kernel
