@@ -262,3 +262,18 @@ def test_odd_sizes_through_a_conv_stack(padding_mode):
         nn.Conv1d(6, 5, 3, padding="same", dilation=2, padding_mode=padding_mode),
     )
     assert_exact(model, torch.randn(5, 3, 7, 5))
+
+
+@pytest.mark.parametrize("route", ["grouped", "unfolded", "ghost"])
+def test_channels_last_input(monkeypatch, route):
+    """im2col reads the input through its own strides: a channels_last input gives the same
+    gradients by every route."""
+    torch.manual_seed(11)
+    monkeypatch.setattr(conv_rules, "UNFOLD_WIDTH", 0 if route == "unfolded" else 10**9)
+    conv = nn.Conv2d(16, 6, 3, stride=2, padding=1, groups=1 if route == "ghost" else 2).double()
+    x = torch.randn(4, 16, 3, 3, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    if route == "ghost":
+        g = conv(x).detach()
+        uses = dict((id(p), u) for p, u in rule_for(conv).uses(conv, x, [g], 4))
+        assert isinstance(uses[id(conv.weight)], Factored)
+    assert_exact(conv, x, "auto")
