@@ -10,10 +10,11 @@ So the rule needs only the layer's saved input and its output gradient: no secon
   - grouped convolution: fold the batch into the channels, x (1, B*C_in, ...) and the output
     gradient (1, B*C_out, ...); then sample i is a group of its own and torch's grouped-convolution
     weight gradient is exactly the (B, *weight.shape) per-sample gradient, no im2col copy, any
-    ``groups``. Best on large output maps (measured 1.5-2x faster than im2col + bmm at L >= 256);
+    ``groups``. Best on large output maps (measured 1-2x faster than im2col + bmm at L >= 256);
   - im2col + bmm (:func:`unfolded_weight_grads`): Y_i P_i^T per sample and group. Best when the
     patch is much wider than the map (K >= 8 L: oneDNN's grouped kernel slows as L shrinks;
-    measured 1.1-3x faster, e.g. 64->64 channels on 8x8 maps, 128->128 on 4x4);
+    measured 1.1-3x faster, e.g. 64->64 channels on 8x8 maps, 128->128 on 4x4;
+    `benchmarks/conv_routes.py` times the routes per layer);
   both in chunks of samples (:data:`CHUNK_ELEMENTS`, :data:`COLUMN_ELEMENTS`) written into one
   preallocated result;
 * ghost (``groups == 1``, small output maps, wide channels): a
