@@ -178,9 +178,102 @@ def test_gram_path(case, strategy):
         (lambda: nn.Conv3d(2, 4, 2, padding=1, padding_mode="circular", groups=2), (5, 2, 3, 4, 3)),
     ],
 )
-def test_materialised_in_chunks_of_samples(monkeypatch, build, shape, samples_per_chunk):
-    """Large layers are materialised a few samples at a time (the last chunk may be shorter)."""
+@pytest.mark.parametrize("route", ["grouped", "unfolded"])
+def test_materialised_in_chunks_of_samples(monkeypatch, build, shape, samples_per_chunk, route):
+    """Large layers are materialised a few samples at a time (the last chunk may be shorter), by
+    either route: the grouped convolution or im2col + bmm."""
     torch.manual_seed(7)
     conv = build()
+    x = torch.randn(shape)
+    monkeypatch.setattr(conv_rules, "UNFOLD_WIDTH", 0 if route == "unfolded" else 10**9)
     monkeypatch.setattr(conv_rules, "CHUNK_ELEMENTS", conv.weight.numel() * samples_per_chunk)
-    assert_exact(conv, torch.randn(shape), "materialise")
+    columns = conv_rules.columns(conv, x[:1], x.dim() - 2).numel()
+    monkeypatch.setattr(conv_rules, "COLUMN_ELEMENTS", columns * samples_per_chunk)
+    assert_exact(conv, x, "materialise")
+
+
+UNFOLDED_CASES = [
+    *[(nn.Conv2d, (4, 6, (3, 2), *case[:4], case[4]), (5, 4, 7, 6)) for case in CONV2D_CASES],
+    *[(nn.Conv1d, (3, 4, 3), (2, 3, 9), {"padding": p, "padding_mode": m, "dilation": d})
+      for p, m, d in [(1, "reflect", 1), (2, "circular", 2), ("same", "replicate", 2),
+                      ("valid", "zeros", 1)]],
+    (nn.Conv3d, (2, 4, (2, 3, 1)), (3, 2, 4, 5, 3), {"stride": (1, 2, 1), "padding": (1, 0, 2)}),
+    (nn.Conv3d, (2, 4, 2), (3, 2, 4, 5, 3), {"dilation": (2, 1, 1), "groups": 2, "bias": False}),
+    (nn.Conv3d, (2, 4, 3), (3, 2, 4, 5, 3), {"padding": "same", "padding_mode": "circular"}),
+    (nn.Conv3d, (2, 4, 2), (3, 2, 4, 5, 3), {"stride": 2, "padding": 1, "padding_mode": "replicate"}),
+]
+
+
+@pytest.mark.parametrize("case", range(len(UNFOLDED_CASES)))
+def test_unfolded_route(monkeypatch, case):
+    """im2col + bmm materialises exactly for every stride, padding, dilation, groups and
+    padding mode of Conv1d/2d/3d (forced here; by default it takes small maps of wide patches)."""
+    torch.manual_seed(10)
+    cls, args, shape, *kwargs = UNFOLDED_CASES[case]
+    monkeypatch.setattr(conv_rules, "UNFOLD_WIDTH", 0)
+    assert_exact(nn.Sequential(cls(*args, **(kwargs[0] if kwargs else {})), nn.Tanh()),
+                 torch.randn(shape), "materialise")
+
+
+def test_route_choice_follows_the_shape(monkeypatch):
+    """Small maps of wide patches go through im2col + bmm, large maps through the grouped kernel."""
+    calls = []
+    for name in ("per_sample_weight_grads", "unfolded_weight_grads"):
+        real = getattr(conv_rules, name)
+        monkeypatch.setattr(conv_rules, name, lambda *a, _f=real, _n=name: calls.append(_n) or _f(*a))
+    for conv, shape in [(nn.Conv2d(64, 8, 3, padding=1, groups=2), (2, 64, 4, 4)),
+                        (nn.Conv2d(3, 8, 3, padding=1), (2, 3, 16, 16))]:
+        g = conv(torch.randn(shape))
+        list(ConvRule(2).uses(conv, torch.randn(shape), [g.detach()], 2))
+    assert calls == ["unfolded_weight_grads", "per_sample_weight_grads"]
+
+
+COLLISION_CASES = [  # the batch size equals another dim: channels, length, height, depth, kernel
+    (lambda: nn.Conv1d(4, 4, 4, padding="same"), (4, 4, 4)),
+    (lambda: nn.Conv1d(3, 6, 3, stride=2, padding=3, dilation=3, groups=3, padding_mode="circular"),
+     (3, 3, 3 * 3)),
+    (lambda: nn.Conv2d(4, 4, 3, padding=1), (4, 4, 4, 4)),
+    (lambda: nn.Conv2d(2, 4, (2, 3), stride=(3, 2), padding=(2, 1), padding_mode="reflect"), (2, 2, 5, 2)),
+    (lambda: nn.Conv2d(6, 3, 3, padding="same", dilation=2, groups=3, bias=False), (3, 6, 3, 7)),
+    (lambda: nn.Conv3d(2, 2, 2, padding=1, padding_mode="replicate"), (2, 2, 2, 2, 2)),
+    (lambda: nn.Conv3d(3, 3, (1, 3, 2), stride=(1, 1, 3), padding="valid", groups=3), (3, 3, 3, 5, 7)),
+]
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("case", range(len(COLLISION_CASES)))
+def test_batch_size_equal_to_another_dim(case, strategy):
+    """The rule reads the batch from dim 0 only: a batch size that also is a channel, spatial or
+    kernel size (odd and even sizes, asymmetric 'same' padding) changes nothing."""
+    torch.manual_seed(8)
+    build, shape = COLLISION_CASES[case]
+    model = nn.Sequential(build(), nn.Tanh())
+    assert_exact(model, torch.randn(shape), strategy)
+
+
+@pytest.mark.parametrize("padding_mode", ["zeros", "reflect", "replicate", "circular"])
+def test_odd_sizes_through_a_conv_stack(padding_mode):
+    """Two convolutions of different dimensionality and options in one model, odd sizes throughout."""
+    torch.manual_seed(9)
+    model = nn.Sequential(
+        nn.Conv2d(3, 6, (3, 2), stride=(2, 1), padding=(1, 1), dilation=(1, 2), groups=3,
+                  padding_mode=padding_mode),
+        nn.GroupNorm(3, 6), nn.Tanh(), nn.Flatten(2),
+        nn.Conv1d(6, 5, 3, padding="same", dilation=2, padding_mode=padding_mode),
+    )
+    assert_exact(model, torch.randn(5, 3, 7, 5))
+
+
+@pytest.mark.parametrize("route", ["grouped", "unfolded", "ghost"])
+def test_channels_last_input(monkeypatch, route):
+    """im2col reads the input through its own strides: a channels_last input gives the same
+    gradients by every route."""
+    torch.manual_seed(11)
+    monkeypatch.setattr(conv_rules, "UNFOLD_WIDTH", 0 if route == "unfolded" else 10**9)
+    conv = nn.Conv2d(16, 6, 3, stride=2, padding=1, groups=1 if route == "ghost" else 2).double()
+    x = torch.randn(4, 16, 3, 3, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    if route == "ghost":
+        g = conv(x).detach()
+        uses = dict((id(p), u) for p, u in rule_for(conv).uses(conv, x, [g], 4))
+        assert isinstance(uses[id(conv.weight)], Factored)
+    assert_exact(conv, x, "auto")

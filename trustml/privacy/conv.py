@@ -6,14 +6,20 @@ and the output gradient Y_i of shape (L, C_out), sample i's weight gradient is Y
 So the rule needs only the layer's saved input and its output gradient: no second forward pass
 (the ``torch.func`` path re-runs the layer per sample). Per layer, whichever is cheaper (FLOPs):
 
-* materialise: fold the batch into the channels, x (1, B*C_in, ...) and the output gradient
-  (1, B*C_out, ...); then sample i is a group of its own and torch's grouped-convolution weight
-  gradient is exactly the (B, *weight.shape) per-sample gradient -- no im2col copy (measured 1.5x
-  faster than unfold + bmm on the benchmark CNN), any ``groups``; a ~1 MiB chunk of samples per
-  call (:data:`CHUNK_ELEMENTS`), written into one preallocated result;
+* materialise, by whichever of two exact routes is faster for the layer's shape (:meth:`ConvRule.uses`):
+  - grouped convolution: fold the batch into the channels, x (1, B*C_in, ...) and the output
+    gradient (1, B*C_out, ...); then sample i is a group of its own and torch's grouped-convolution
+    weight gradient is exactly the (B, *weight.shape) per-sample gradient, no im2col copy, any
+    ``groups``. Best on large output maps (measured 1-2x faster than im2col + bmm at L >= 256);
+  - im2col + bmm (:func:`unfolded_weight_grads`): Y_i P_i^T per sample and group. Best when the
+    patch is much wider than the map (K >= 8 L: oneDNN's grouped kernel slows as L shrinks;
+    measured 1.1-3x faster, e.g. 64->64 channels on 8x8 maps, 128->128 on 4x4;
+    `benchmarks/conv_routes.py` times the routes per layer);
+  both in chunks of samples (:data:`CHUNK_ELEMENTS`, :data:`COLUMN_ELEMENTS`) written into one
+  preallocated result;
 * ghost (``groups == 1``, small output maps, wide channels): a
   :class:`~trustml.privacy.factored.Factored` Y_i^T P_i whose norm the clipper takes from L x L Gram
-  matrices, exactly as for a linear layer (P from ``F.unfold``; 3-D via strided windows).
+  matrices, exactly as for a linear layer (P from :func:`columns`).
 
 Any stride, dilation, padding (ints, ``'valid'``, ``'same'``) and ``padding_mode`` (zeros, reflect,
 replicate, circular) is handled exactly: the input is padded the way the layer's own forward pads it.
@@ -49,25 +55,32 @@ def padded(module: nn.Module, x: Tensor, spatial: int) -> tuple[Tensor, list[int
     return x, list(module.padding)
 
 
-def patches(module: nn.Module, x: Tensor, spatial: int) -> Tensor:
-    """(B, L, C_in * prod(kernel)) rows of the padded input, one per output position, ordered
-    (channel, kernel offsets) like ``weight.view(C_out, -1)``."""
+def columns(module: nn.Module, x: Tensor, spatial: int) -> Tensor:
+    """(B, C_in * prod(kernel), L) im2col of the padded input: column l holds the patch that output
+    position l reads, rows ordered (channel, kernel offsets) like ``weight.view(C_out, -1)``.
+
+    One strided view of the padded input -- (B, C, k_1..k_s, L_1..L_s), the kernel offsets stepping
+    by the dilation and the output positions by the stride -- copied once: any dimensionality, and
+    measured 2.5-3x faster than ``F.unfold`` on the benchmark CNN's layers.
+    """
     x, pad = padded(module, x, spatial)
-    if spatial <= 2:  # torch's im2col (about 2x faster than strided windows); 1-D as height 1
-        lift = (lambda t: tuple(t)) if spatial == 2 else (lambda t: (1, *t))
-        x4 = x if spatial == 2 else x.unsqueeze(2)
-        cols = F.unfold(x4, lift(module.kernel_size), lift(module.dilation),
-                        lift(pad) if spatial == 2 else (0, *pad), lift(module.stride))
-        return cols.transpose(1, 2)
-    x = F.pad(x, [p for p in reversed(pad) for _ in (0, 1)])
-    for d in range(spatial):
-        k, s, dil = module.kernel_size[d], module.stride[d], module.dilation[d]
-        x = x.unfold(2 + d, dil * (k - 1) + 1, s)  # windows appended as the last dim
-        if dil > 1:
-            x = x[..., ::dil]
-    # (B, C, L_1..L_s, k_1..k_s) -> (B, L_1..L_s, C, k_1..k_s) -> (B, L, C * K)
-    order = [0, *range(2, 2 + spatial), 1, *range(2 + spatial, 2 + 2 * spatial)]
-    return x.permute(order).reshape(x.shape[0], math.prod(x.shape[2 : 2 + spatial]), -1)
+    if any(pad):
+        x = F.pad(x, [p for p in reversed(pad) for _ in (0, 1)])
+    kernel, stride, dilation = module.kernel_size, module.stride, module.dilation
+    length = [(n - d * (k - 1) - 1) // s + 1
+              for n, k, s, d in zip(x.shape[2:], kernel, stride, dilation)]
+    step = x.stride()
+    view = x.as_strided(
+        (*x.shape[:2], *kernel, *length),
+        (*step[:2], *(step[2 + i] * dilation[i] for i in range(spatial)),
+         *(step[2 + i] * stride[i] for i in range(spatial))),
+    )
+    return view.reshape(x.shape[0], x.shape[1] * math.prod(kernel), math.prod(length))
+
+
+def patches(module: nn.Module, x: Tensor, spatial: int) -> Tensor:
+    """(B, L, C_in * prod(kernel)) rows of the padded input, one per output position."""
+    return columns(module, x, spatial).transpose(1, 2)
 
 
 CHUNK_ELEMENTS = 2**18
@@ -96,6 +109,32 @@ def per_sample_weight_grads(module: nn.Module, x: Tensor, g: Tensor, spatial: in
     return out
 
 
+COLUMN_ELEMENTS = 2**20
+"""im2col columns are built for this many elements' worth of samples at a time (>= 1 sample): a
+4 MiB float32 transient; larger chunks measured up to 1.2x faster on the benchmark CNN's 64->64
+layer, smaller ones slower (more, smaller bmm calls)."""
+
+UNFOLD_WIDTH = 8
+"""Materialise by im2col + bmm when a patch (C_in / groups * prod(kernel)) is at least this many
+times the output map's size L; else by the grouped convolution (measured crossover, see above)."""
+
+
+def unfolded_weight_grads(module: nn.Module, x: Tensor, g: Tensor, spatial: int) -> Tensor:
+    """(B, *weight.shape) as Y_i P_i^T per sample and group: im2col (:func:`columns`) + bmm, in
+    chunks of samples whose columns stay within :data:`COLUMN_ELEMENTS`."""
+    b, shape, groups = x.shape[0], module.weight.shape, module.groups
+    out = g.new_empty(b, groups, shape[0] // groups, shape[1:].numel())
+    length = g[0, 0].numel()
+    step = max(1, COLUMN_ELEMENTS // (length * shape[1:].numel() * groups))
+    for i in range(0, b, step):
+        k = min(step, b - i)
+        cols = columns(module, x[i : i + k], spatial)  # (k, C_in * K, L)
+        cols = cols.view(k * groups, -1, cols.shape[2])
+        y = g[i : i + k].reshape(k * groups, shape[0] // groups, -1)
+        torch.bmm(y, cols.transpose(1, 2), out=out[i : i + k].view(k * groups, *out.shape[2:]))
+    return out.view(b, *shape)
+
+
 class ConvRule:
     """Per-sample gradients of a ConvNd layer from its saved input and its output gradient."""
 
@@ -120,6 +159,8 @@ class ConvRule:
             if module.groups == 1 and length * (c_out + width) <= c_out * width:
                 # Gram matrices (L x L per sample) are cheaper than the gradient itself
                 yield weight, Factored(g.flatten(2).transpose(1, 2), patches(module, x, self.spatial))
+            elif width >= UNFOLD_WIDTH * length:
+                yield weight, unfolded_weight_grads(module, x, g, self.spatial)
             else:
                 yield weight, per_sample_weight_grads(module, x, g, self.spatial)
         if bias is not None and bias.requires_grad:
