@@ -174,6 +174,13 @@ class FairnessConfig(Section):
     select_threshold: bool = Field(
         True, description="with target: pick the most accurate decision threshold meeting the "
         "constraint on validation (one for all groups, folded into the head's bias)")
+    method: Literal["penalty", "group_posterior"] = Field(
+        "penalty", description="how target is met: penalty (dual ascent on the penalty's "
+        "multiplier) or group_posterior (Menon & Williamson 2018, dp only: a second head learns "
+        "P(group | x) with the sensitive attribute as a training label; the decision l_y - c . "
+        "l_group >= t, (c, t) chosen on validation, is folded into the head; needs penalty: none)")
+    group_weight: float = Field(
+        1.0, gt=0, description="group_posterior: weight of the group head's cross-entropy")
 
     @model_validator(mode="after")
     def _frequencies_need_mmd(self) -> "FairnessConfig":
@@ -181,8 +188,13 @@ class FairnessConfig(Section):
             raise ValueError(f"frequencies is an MMD setting; penalty is {self.penalty!r}")
         if self.penalty == "rate" and self.acts_on != "scores":
             raise ValueError("penalty 'rate' compares the groups' mean P(y=1): set acts_on: scores")
-        if self.target is not None and self.penalty == "none":
-            raise ValueError("target needs a penalty to adapt (penalty: mmd or sinkhorn)")
+        if self.method == "group_posterior":
+            if self.target is None or self.penalty != "none" or self.notion != "dp":
+                raise ValueError("method group_posterior needs a target, penalty: none (it "
+                                 "replaces the penalty) and notion: dp")
+        elif self.target is not None and self.penalty == "none":
+            raise ValueError("target needs a penalty to adapt (penalty: mmd, sinkhorn or rate) "
+                             "or method: group_posterior")
         return self
 
 
@@ -317,6 +329,10 @@ class Config(Section):
                 f"fairness.penalty={self.fairness.penalty!r} with privacy.enabled=true: the penalty "
                 "couples samples, so DP-SGD cannot bound its sensitivity; set fairness.penalty=none "
                 "or privacy.enabled=false")
+        if self.privacy.enabled and self.fairness.method == "group_posterior":
+            raise ValueError("fairness.method=group_posterior with privacy.enabled=true: its group "
+                             "head trains outside the private model; use fairness.method=penalty "
+                             "without a target, or privacy.enabled=false")
         return self
 
     def to_dict(self) -> dict[str, Any]:

@@ -179,6 +179,23 @@ def _constrained(config: Config, step: PlainStep, parts: Parts):
                            margin=f.margin, select_threshold=f.select_threshold)
 
 
+def _group_posterior(config: Config, parts: Parts, world: distributed.World):
+    """The group head and validation-chosen decision of ``fairness.method: group_posterior``."""
+    from trustml.fairness.posterior import GroupPosterior
+
+    if parts.data is None or not hasattr(parts.model, "head"):
+        raise ConfigError("fairness.method=group_posterior: needs a tabular dataset and an MLP")
+    if len(parts.data.val) == 0:
+        raise ConfigError("fairness.method=group_posterior: chooses its decision on the "
+                          "validation split; set data.val_fraction > 0")
+    if world.distributed:
+        raise ConfigError("fairness.method=group_posterior: runs on one process (its group head "
+                          "is outside DistributedDataParallel)")
+    f = config.fairness
+    return GroupPosterior(parts.model.rep_dim, len(parts.data.group_names), parts.data.val,
+                          target=f.target, margin=f.margin, weight=f.group_weight)
+
+
 def run_training(config: Config, run_dir: str | Path | None = None, resume: bool = False,
                  progress: bool = True) -> TrainResult:
     """Train ``config`` into ``run_dir`` (a new ``runs/<name>-<time>`` when None)."""
@@ -202,7 +219,12 @@ def run_training(config: Config, run_dir: str | Path | None = None, resume: bool
     seed_everything(config.run.seed)
     parts = build_parts(config)
     model = parts.model.to(device)
-    optimizer = make_optimizer(config.train, model.parameters())
+    objective, posterior = parts.objective, None
+    if config.fairness.method == "group_posterior":
+        posterior = _group_posterior(config, parts, world).to(device)
+        objective = posterior.objective(parts.objective)
+    optimizer = make_optimizer(config.train, [*model.parameters(),
+                                              *(posterior.parameters() if posterior else [])])
     penalties = []
     if config.fairness.penalty != "none":
         from trustml.fairness.penalty import build_penalty
@@ -237,7 +259,9 @@ def run_training(config: Config, run_dir: str | Path | None = None, resume: bool
                              accumulate=config.train.grad_accum, clip=config.train.grad_clip)
         except ValueError as err:
             raise ConfigError(f"train.grad_accum: {err}") from None
-        if config.fairness.target is not None:
+        if posterior is not None:
+            state["fairness"] = posterior
+        elif config.fairness.target is not None:
             step = _constrained(config, step, parts)
             state["fairness"] = step
         batches = _plain_batches(config, parts, world)
@@ -278,7 +302,7 @@ def run_training(config: Config, run_dir: str | Path | None = None, resume: bool
     if world.is_main:
         cfgmod.save(config, run_dir / "config.yaml")
     try:
-        summary = fit(trained, parts.objective, step, batches, epochs=config.train.epochs,
+        summary = fit(trained, objective, step, batches, epochs=config.train.epochs,
                       run_dir=run_dir, state=state, evaluate=evaluate,
                       max_steps=config.train.max_steps, log_every=config.train.log_every,
                       checkpoint_every=config.run.checkpoint_every, resume=resume,

@@ -46,6 +46,18 @@ def foldable(model: nn.Module) -> bool:
     return isinstance(head, nn.Linear) and head.out_features == 2 and head.bias is not None
 
 
+def test_report(gap: Any, scores: np.ndarray, test: Any) -> dict[str, Any]:
+    """The constrained ``gap`` (a metric ``(y, pred, s)``) and the accuracy of ``scores >= 0.5`` on
+    the test split, with 95% bootstrap intervals."""
+    y, s = test.y.numpy(), test.s.numpy()
+    pred = (scores >= 0.5).astype(np.int64)
+    report: dict[str, Any] = {"test_gap": float(gap(y, pred, s))}
+    report["test_gap_ci95"] = bootstrap_interval(gap, y, pred, s)
+    report["test_accuracy_ci95"] = bootstrap_interval(
+        lambda t, p, _: float((t == p).mean()), y, pred, s)
+    return report
+
+
 class ConstrainedStep:
     """A ``PlainStep`` with one fairness penalty whose multiplier meets ``target`` on validation.
 
@@ -144,14 +156,7 @@ class ConstrainedStep:
         return summary
 
     def test_report(self, scores: np.ndarray, test: Any) -> dict[str, Any]:
-        """The constrained gap and the accuracy on the test split, with 95% bootstrap intervals."""
-        y, s = test.y.numpy(), test.s.numpy()
-        pred = (scores >= 0.5).astype(np.int64)
-        report: dict[str, Any] = {"test_gap": float(self.gap(y, pred, s))}
-        report["test_gap_ci95"] = bootstrap_interval(self.gap, y, pred, s)
-        report["test_accuracy_ci95"] = bootstrap_interval(
-            lambda t, p, _: float((t == p).mean()), y, pred, s)
-        return report
+        return test_report(self.gap, scores, test)
 
     def state_dict(self) -> dict[str, Any]:
         return {"lambda": self.penalty.weight, "steps": self.steps,

@@ -112,13 +112,20 @@ def build_penalty(cfg: FairnessConfig) -> FairnessPenalty | None:
 
 
 def with_penalty(config: Config, penalty: str, weight: float) -> Config:
-    """A copy of ``config`` with another penalty and weight (MMD-only settings dropped for others)."""
+    """A copy of ``config`` with another penalty and weight (MMD-only settings dropped for others).
+
+    ``group_posterior`` is not a penalty but the method of :mod:`trustml.fairness.posterior`
+    (``penalty: none``), so that a frontier can set it beside the penalties. The section is
+    validated once, as a whole (field by field, an intermediate state would be refused)."""
     cfg = config.model_copy(deep=True)
+    f = cfg.fairness.model_dump()
+    f["method"] = "group_posterior" if penalty == "group_posterior" else "penalty"
+    f["penalty"], f["weight"] = ("none" if penalty == "group_posterior" else penalty), weight
     if penalty != "mmd":
-        cfg.fairness.frequencies = None
+        f["frequencies"] = None
     if penalty == "none":  # nothing left to steer: the unconstrained model
-        cfg.fairness.target = None
+        f["target"] = None
     if penalty == "rate":  # a gap between mean scores: it acts on P(y=1) only
-        cfg.fairness.acts_on = "scores"
-    cfg.fairness.penalty, cfg.fairness.weight = penalty, weight
+        f["acts_on"] = "scores"
+    cfg.fairness = FairnessConfig.model_validate(f)
     return cfg

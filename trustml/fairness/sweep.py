@@ -50,11 +50,10 @@ def _floats(text: str, name: str) -> list[float]:
 
 def _names(text: str) -> list[str]:
     names = [v.strip() for v in text.split(",") if v.strip()]
-    bad = [n for n in names if n not in ("mmd", "sinkhorn", "rate")]
+    bad = [n for n in names if n not in ("mmd", "sinkhorn", "rate", "group_posterior")]
     if not names or bad:
-        raise ConfigError(
-            f"--penalties: expected a comma-separated subset of mmd,sinkhorn,rate, got {text!r}"
-        )
+        raise ConfigError(f"--penalties: expected a comma-separated subset of mmd,sinkhorn,rate,"
+                          f"group_posterior (with --targets), got {text!r}")
     return names
 
 
@@ -285,6 +284,8 @@ def sweep_main(argv: list[str] | None = None) -> int:
         raise ConfigError("trustml-sweep: model.kind must be 'mlp' (tabular fairness sweep)")
     weights = _floats(args.weights or grid["weights"], "weights")
     penalties = _names(args.penalties or grid["penalties"])
+    if "group_posterior" in penalties and not args.targets:
+        raise ConfigError("--penalties group_posterior: has no weight to sweep; give --targets")
     if args.run_dir:
         run_dir = Path(args.run_dir)
     elif not args.resume:
