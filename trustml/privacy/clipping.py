@@ -114,16 +114,19 @@ class _ParamPlan:
             wide = self.dense if self.dense.dtype == dtype else self.dense.to(dtype)
             self.norm2 = torch.linalg.vecdot(wide, wide)
             return
-        total = 0
+        total = inner(factored[0], factored[0], dtype, grams)
         for i, u in enumerate(factored):
-            total = total + inner(u, u, dtype, grams)
+            if i:
+                total = total + inner(u, u, dtype, grams)
             for v in factored[i + 1 :]:
                 total = total + 2 * inner(u, v, dtype, grams)
         self.norm2 = total
 
     def weighted_sum(self, c: Tensor) -> Tensor:
         if self.dense is not None:
-            return c.to(self.dense.dtype) @ self.dense
+            return (c if c.dtype == self.dense.dtype else c.to(self.dense.dtype)) @ self.dense
+        if len(self.factored) == 1:
+            return self.factored[0].weighted_sum(c)
         total = None
         for f in sorted(self.factored, key=lambda f: f.indexed):  # the matmul first: no zero-fill
             total = f.weighted_sum(c, into=total)
@@ -638,17 +641,21 @@ class PerSampleClipper:
         self._recording = False  # the generic path re-runs modules: do not record those calls
         try:
             for k, (r, ds) in enumerate(zip(records, dims)):
-                gs = grads[at : at + len(r.edges)]
-                grads[at : at + len(r.edges)] = [None] * len(r.edges)
-                at += len(r.edges)
-                if all(g is None for g in gs):
+                n = len(r.edges)
+                gs = grads[at : at + n]
+                grads[at : at + n] = [None] * n
+                at += n
+                reached = [g is not None for g in gs]
+                if not any(reached):
                     continue  # this call did not reach the loss
-                gs = [
-                    torch.zeros(s, dtype=d, device=dev) if g is None else g
-                    for g, (s, d, dev) in zip(gs, r.outputs)
-                ]
+                if not all(reached):
+                    gs = [
+                        torch.zeros(s, dtype=d, device=dev) if g is None else g
+                        for g, (s, d, dev) in zip(gs, r.outputs)
+                    ]
                 for g, d in zip(gs, ds):
-                    self._check_shape(r, g, d, batch)
+                    if g.dim() <= d or g.shape[d] != batch:  # else a folded or bad batch dim
+                        self._check_shape(r, g, d, batch)
                 saved = r.saved
                 r.saved = r.inputs = None
                 if not isinstance(r.rule, GenericRule) and ds[0] != 0:  # sequence-first
