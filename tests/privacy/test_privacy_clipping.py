@@ -264,6 +264,68 @@ def test_accumulates_over_physical_batches():
         torch.testing.assert_close(p.grad, ref)
 
 
+class Switching(nn.Module):
+    """Its pass structure changes between steps: ``extra`` adds a call of a second layer that
+    also reads the first layer's weight outside its module (a use the clipper cannot see)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(5, 4), nn.Linear(4, 3)
+        self.extra = False
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        out = self.b(h)
+        if self.extra:
+            out = out + self.b(h * 2) + (x @ self.a.weight.T).sum(1, keepdim=True)
+        return out
+
+
+def test_proof_cached_per_structure_and_reproved_when_it_changes(monkeypatch):
+    """A steady step reuses its structure's proof (no second probe) and stays exact; a frozen
+    layer, a new call or a forgotten proof makes a new structure, which is proved afresh --
+    and refused when that proof fails, never served a cached one."""
+    torch.manual_seed(12)
+    model, twin = Switching().double(), Switching().double()  # twin: the unhooked reference
+    twin.load_state_dict(model.state_dict())
+    x, y = torch.randn(B, 5, dtype=torch.float64), torch.randn(B, 3, dtype=torch.float64)
+    clipper = PerSampleClipper(model, 0.7)
+    probes = []
+    probe = clipper._probe
+    clipper._probe = lambda *a: probes.append(1) or probe(*a)
+
+    def step_matches_naive():
+        model.zero_grad(set_to_none=True)
+        norms = clipper.backward(sq_loss(model, x, y))
+        for p, q in zip(model.parameters(), twin.parameters()):
+            q.requires_grad_(p.requires_grad)
+        ref_norms, _ = naive(twin, sq_loss, [x, y])
+        _, ref = naive(twin, sq_loss, [x, y], 0.7)
+        torch.testing.assert_close(norms, ref_norms, rtol=1e-9, atol=1e-12)
+        for p, r in zip([p for p in model.parameters() if p.requires_grad], ref):
+            torch.testing.assert_close(p.grad, r, rtol=1e-9, atol=1e-12)
+
+    for _ in range(3):
+        step_matches_naive()
+    assert len(probes) == 1  # one structure, proved once
+    model.a.requires_grad_(False)  # the trainable set changed: a new structure
+    step_matches_naive()
+    step_matches_naive()
+    assert len(probes) == 2 and model.a.weight.grad is None
+    model.a.requires_grad_(True)
+    step_matches_naive()
+    assert len(probes) == 2  # the first structure's proof still holds
+    monkeypatch.setattr("trustml.privacy.clipping.PROOFS_KEPT", 1)
+    model.b.requires_grad_(False)
+    step_matches_naive()  # a third structure: its proof evicts the first structure's ...
+    model.b.requires_grad_(True)
+    step_matches_naive()  # ... which is then proved again, not assumed
+    assert len(probes) == 4
+    model.extra = True  # b called twice and a.weight read outside a's call: refused
+    with pytest.raises(ValueError, match=r"parameter a\.weight \(Linear\) reaches the loss"):
+        clipper.backward(sq_loss(model, x, y))
+
+
 def test_batchnorm_refused():
     with pytest.raises(ValueError, match="GroupNorm"):
         PerSampleClipper(nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)), 1.0)

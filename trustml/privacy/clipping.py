@@ -61,6 +61,7 @@ from trustml.privacy.layers import (
 
 Strategy = Literal["auto", "ghost", "materialise"]
 FOLDABLE = (LinearRule, Conv1DRule, EmbeddingRule, LayerNormRule)  # position-wise fast rules
+PROOFS_KEPT = 64  # pass signatures whose proof is remembered (the oldest is forgotten first)
 
 
 @dataclass
@@ -73,6 +74,17 @@ class _Record:
     inputs: tuple  # the call's (args, kwargs), for the graph walk of the probe
 
 
+@dataclass
+class _Proof:
+    """What a proven pass structure fixes (cached per signature, so a steady step re-derives
+    nothing): each recorded output's batch dim, the trainable parameters no recorded call covers,
+    and the last record covering each parameter (where its plan is built)."""
+
+    dims: list[list[int]]
+    unused: list[nn.Parameter]
+    last: dict[int, int]
+
+
 class _ParamPlan:
     """All uses of one parameter in a pass: its per-sample squared norm and its clipped sum.
 
@@ -82,7 +94,9 @@ class _ParamPlan:
 
     def __init__(self, uses: list[Use], strategy: Strategy, dtype: torch.dtype, grams: Grams):
         dense = [u for u in uses if not isinstance(u, Factored)]
-        factored = merge([u for u in uses if isinstance(u, Factored)])
+        factored = [u for u in uses if isinstance(u, Factored)]
+        if len(factored) > 1:
+            factored = merge(factored)
         materialise = (
             bool(dense)
             or strategy == "materialise"
@@ -97,18 +111,22 @@ class _ParamPlan:
                 total = total + part
             # reshape, not flatten(1): a 0-dim parameter gives (B, 1)
             self.dense = total.reshape(total.shape[0], -1)
-            self.norm2 = torch.linalg.vector_norm(self.dense, dim=1, dtype=dtype).square()
+            wide = self.dense if self.dense.dtype == dtype else self.dense.to(dtype)
+            self.norm2 = torch.linalg.vecdot(wide, wide)
             return
-        total = 0
+        total = inner(factored[0], factored[0], dtype, grams)
         for i, u in enumerate(factored):
-            total = total + inner(u, u, dtype, grams)
+            if i:
+                total = total + inner(u, u, dtype, grams)
             for v in factored[i + 1 :]:
                 total = total + 2 * inner(u, v, dtype, grams)
         self.norm2 = total
 
     def weighted_sum(self, c: Tensor) -> Tensor:
         if self.dense is not None:
-            return c.to(self.dense.dtype) @ self.dense
+            return (c if c.dtype == self.dense.dtype else c.to(self.dense.dtype)) @ self.dense
+        if len(self.factored) == 1:
+            return self.factored[0].weighted_sum(c)
         total = None
         for f in sorted(self.factored, key=lambda f: f.indexed):  # the matmul first: no zero-fill
             total = f.weighted_sum(c, into=total)
@@ -167,12 +185,14 @@ class PerSampleClipper:
         self._hooked: dict[nn.Module, str] = {}
         self._rules: dict[nn.Module, tuple[tuple, Rule, list[nn.Parameter]]] = {}
         self._trainable: list[nn.Parameter] = []
-        self._proven: dict[tuple, list[list[int]]] = {}  # signature -> each output's batch dim
+        self._proven: dict[tuple, _Proof] = {}  # pass signature -> what its proof fixed
+        self._known: tuple[int, int, tuple] | None = None  # (records, batch, signature) at the
+        # end of this forward, computed there for an expanded call: backward reuses it
         self._handles = [model.register_forward_pre_hook(self._note_batch, with_kwargs=True),
                          model.register_forward_hook(self._note_output, with_kwargs=True)]
         self._call: Call | None = None  # this model call, kept if a layer output is expanded
         self._calls: list[Call] = []  # the calls of this pass with an expanded output
-        self._layout_key: tuple | None = None
+        self._layout_key: list | None = None
         self._attach()
 
     # ---- which modules, which rules --------------------------------------------------------
@@ -200,8 +220,22 @@ class PerSampleClipper:
         self._layout_key = self._param_key()
         self._trainable = [p for p in self.model.parameters() if p.requires_grad]
 
-    def _param_key(self) -> tuple:
-        return tuple((id(p), p.requires_grad) for p in self.model.parameters())
+    def _param_key(self) -> list:
+        """Every parameter under the model and whether it is trainable: changes when one is
+        added, removed, replaced or (un)frozen, or a module holding one is. Checked before every
+        forward, so a plain walk of the modules' own dicts rather than ``model.parameters()``
+        (whose nested generators cost 3x as much on a small model); equality is all that counts."""
+        key, stack, seen = [], [self.model], set()
+        while stack:
+            module = stack.pop()
+            if module is None or id(module) in seen:
+                continue
+            seen.add(id(module))
+            for p in module._parameters.values():
+                if p is not None:
+                    key += (id(p), p.requires_grad)
+            stack += module._modules.values()
+        return key
 
     def _name(self, module: nn.Module) -> str:
         return _described(self._hooked.get(module, ""), module)
@@ -234,6 +268,7 @@ class PerSampleClipper:
         if not self._recording:
             return
         self._open.clear()
+        self._known = None
         if self._param_key() != self._layout_key:  # a module or parameter added, or unfrozen
             self._attach()
         first = _first_tensor((args, kwargs))
@@ -246,18 +281,20 @@ class PerSampleClipper:
         if self._recording and self._call is not None and self._call.expanded:
             # The output (an LM's logits) is what the proof replays against; held only while
             # this pass's structure is unproven, else it would cost a logits-sized copy per step.
-            if self._signature(self._records, self._trainable, self._batch) not in self._proven:
+            signature = self._signature(self._records, self._trainable, self._batch)
+            self._known = (len(self._records), self._batch, signature)
+            if signature not in self._proven:
                 self._call.output = output
             self._calls.append(self._call)
         self._call = None
 
     @staticmethod
     def _signature(records: list[_Record], trainable: list, batch: int) -> tuple:
-        """What a proof covers: which calls ran, which of their output dims had the batch size,
-        the trainable set, and whether the batch has more than one sample."""
+        """What a proof covers: which calls ran under which rule, which of their output dims had
+        the batch size, the trainable set, and whether the batch has more than one sample."""
         return (
-            tuple((id(r.module), tuple(tuple(s == batch for s in o[0]) for o in r.outputs))
-                  for r in records),
+            tuple((id(r.module), type(r.rule),
+                   tuple(tuple(s == batch for s in o[0]) for o in r.outputs)) for r in records),
             tuple(id(p) for p in trainable),
             batch > 1,
         )
@@ -326,6 +363,7 @@ class PerSampleClipper:
             raise ValueError(f"per_sample_losses must have shape (B,), got {tuple(losses.shape)}")
         records, self._records, self._batch = self._records, [], 0
         calls, self._calls = self._calls, []
+        known, self._known = self._known, None
         batch = losses.shape[0]
         if batch == 0:
             return losses.detach().float()
@@ -335,19 +373,16 @@ class PerSampleClipper:
                 "(computed under no_grad, or no trainable parameters?)"
             )
         trainable = self._trainable  # as of this forward (see _note_batch)
-        used = {id(p) for r in records for p in self._covered(r)}
-        unused = [p for p in trainable if id(p) not in used]
         edges = [e for r in records for e in r.edges]
-        if not edges and not unused:
-            raise ValueError(
-                "no layer with trainable parameters ran in the forward pass since the last backward"
-            )
-        signature = self._signature(records, trainable, batch)
-        dims = self._proven.get(signature)
-        if dims is None:
-            self._prove_expansions(calls, batch)
-            dims = self._probe(losses, records, batch, trainable)
-            self._proven[signature] = dims
+        signature = (known[2] if known is not None and known[:2] == (len(records), batch)
+                     else self._signature(records, trainable, batch))
+        proof = self._proven.get(signature)
+        if proof is None:
+            proof = self._prove(losses, records, calls, edges, batch, trainable)
+            if len(self._proven) >= PROOFS_KEPT:  # re-proving an evicted structure is safe
+                self._proven.pop(next(iter(self._proven)))
+            self._proven[signature] = proof
+        unused = proof.unused
         grads = torch.autograd.grad(
             losses,
             edges + unused,
@@ -363,25 +398,46 @@ class PerSampleClipper:
         outs = list(grads[: len(edges)])
         del grads  # _plans drops each output gradient once its layer is processed
         dtype = torch.float64 if any(p.dtype == torch.float64 for p in trainable) else torch.float32
-        plans = self._plans(records, outs, batch, dims, dtype)
+        plans = self._plans(records, outs, batch, proof, dtype)
         norm2 = (
             torch.stack([plan.norm2 for _, plan in plans]).sum(0)
             if plans
             else torch.zeros(batch, dtype=dtype, device=losses.device)
         )
-        norms = norm2.sqrt() / loss_scale
-        factors = self.max_grad_norm / norms.clamp(min=self.max_grad_norm)
-        c = factors / loss_scale if loss_scale != 1 else factors
+        norms = norm2.sqrt()
+        if loss_scale != 1:
+            norms = norms / loss_scale
+        c = self.max_grad_norm / norms.clamp(min=self.max_grad_norm)
+        if loss_scale != 1:
+            c = c / loss_scale
         plans.reverse()
         while plans:  # pop each plan: its factors are freed once its sum is taken
             p, plan = plans.pop()
-            g = plan.weighted_sum(c).to(p.dtype).reshape(p.shape)
+            g = plan.weighted_sum(c)
             del plan
+            if g.dtype != p.dtype:
+                g = g.to(p.dtype)
+            if g.shape != p.shape:
+                g = g.reshape(p.shape)
             if p.grad is None:
                 p.grad = g
             else:
                 p.grad += g
         return norms
+
+    def _prove(self, losses: Tensor, records: list[_Record], calls: list[Call], edges: list,
+               batch: int, trainable: list) -> _Proof:
+        """Prove a pass of a new signature (or refuse) and what follows from it."""
+        used = {id(p) for r in records for p in self._covered(r)}
+        unused = [p for p in trainable if id(p) not in used]
+        if not edges and not unused:
+            raise ValueError(
+                "no layer with trainable parameters ran in the forward pass since the last backward"
+            )
+        self._prove_expansions(calls, batch)
+        dims = self._probe(losses, records, batch, trainable)
+        last = {id(p): k for k, r in enumerate(records) for p in self._covered(r)}
+        return _Proof(dims, unused, last)
 
     def _covered(self, record: _Record) -> list[nn.Parameter]:
         return self._rules[record.module][2]
@@ -572,15 +628,12 @@ class PerSampleClipper:
         records: list[_Record],
         grads: list[Tensor | None],
         batch: int,
-        dims: list[list[int]],
+        proof: _Proof,
         dtype: torch.dtype,
     ) -> list[tuple[nn.Parameter, _ParamPlan]]:
         """Each parameter's plan, built as soon as its last use is known; every record's saved
         tensors and output gradients are dropped once its uses are taken (``grads`` is emptied)."""
-        last: dict[int, int] = {}  # parameter -> the last record covering it
-        for k, r in enumerate(records):
-            for p in self._covered(r):
-                last[id(p)] = k
+        dims, last = proof.dims, proof.last
         uses: dict[int, tuple[nn.Parameter, list[Use]]] = {}
         plans: list[tuple[nn.Parameter, _ParamPlan]] = []
         grams = Grams()  # shared Gram matrices (one input read by several layers, ...)
@@ -588,17 +641,21 @@ class PerSampleClipper:
         self._recording = False  # the generic path re-runs modules: do not record those calls
         try:
             for k, (r, ds) in enumerate(zip(records, dims)):
-                gs = grads[at : at + len(r.edges)]
-                grads[at : at + len(r.edges)] = [None] * len(r.edges)
-                at += len(r.edges)
-                if all(g is None for g in gs):
+                n = len(r.edges)
+                gs = grads[at : at + n]
+                grads[at : at + n] = [None] * n
+                at += n
+                reached = [g is not None for g in gs]
+                if not any(reached):
                     continue  # this call did not reach the loss
-                gs = [
-                    torch.zeros(s, dtype=d, device=dev) if g is None else g
-                    for g, (s, d, dev) in zip(gs, r.outputs)
-                ]
+                if not all(reached):
+                    gs = [
+                        torch.zeros(s, dtype=d, device=dev) if g is None else g
+                        for g, (s, d, dev) in zip(gs, r.outputs)
+                    ]
                 for g, d in zip(gs, ds):
-                    self._check_shape(r, g, d, batch)
+                    if g.dim() <= d or g.shape[d] != batch:  # else a folded or bad batch dim
+                        self._check_shape(r, g, d, batch)
                 saved = r.saved
                 r.saved = r.inputs = None
                 if not isinstance(r.rule, GenericRule) and ds[0] != 0:  # sequence-first

@@ -119,11 +119,19 @@ def inner(u: Factored, v: Factored, dtype: torch.dtype, grams: Grams | None = No
     """(B,) per-sample Frobenius inner products <G_u,i, G_v,i>, accumulated in ``dtype``."""
     if not (u.indexed or v.indexed) and u.x.shape[1] == 1 and v.x.shape[1] == 1:
         # rank one per sample (2-D inputs): <x_u, x_v> <y_u, y_v>, without B tiny matmuls
-        xu, xv, yu, yv = (t.reshape(t.shape[0], -1).to(dtype) for t in (u.x, v.x, u.y, v.y))
-        return torch.linalg.vecdot(xu, xv) * torch.linalg.vecdot(yu, yv)
+        return (_rowdot(u.x, v.x, dtype) * _rowdot(u.y, v.y, dtype)).view(-1)
     gx = gram(u, v, grams).to(dtype)
     gy = (torch.bmm(u.y, v.y.transpose(1, 2)) if grams is None else grams(u.y, v.y)).to(dtype)
     return torch.linalg.vecdot(gx.flatten(1), gy.flatten(1))
+
+
+def _rowdot(a: Tensor, b: Tensor, dtype: torch.dtype) -> Tensor:
+    """(B, 1) dot products of (B, 1, k) rows in ``dtype``, casting only what is not in it yet
+    (a norm's two operands are one tensor: cast once)."""
+    same = a is b
+    a = a if a.dtype == dtype else a.to(dtype)
+    b = a if same else b if b.dtype == dtype else b.to(dtype)
+    return torch.linalg.vecdot(a, b)
 
 
 def merge(uses: list[Factored]) -> list[Factored]:

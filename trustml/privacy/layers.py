@@ -45,6 +45,12 @@ class Rule(Protocol):
     ) -> Iterator[tuple[nn.Parameter, Use]]: ...
 
 
+def _positions_summed(g: Tensor) -> Tensor:
+    """(B, n) per-sample bias gradients from (B, T, n) rows: a view when T = 1 (2-D inputs, an
+    MLP), where summing one position would be a reduction kernel and a copy."""
+    return g.squeeze(1) if g.shape[1] == 1 else g.sum(1)
+
+
 def batch_dims(rule: Rule, module: nn.Module, ndim: int) -> range:
     """Dims of a rule's output that may be the batch: any leading dim of a position-wise layer
     (a sequence-first (T, B, d) Linear is fine once the probe has proved which one), else dim 0."""
@@ -72,7 +78,7 @@ class LinearRule(FirstInput):
         if _trainable(module.weight):
             yield module.weight, Factored(g, _rows(saved, batch, module.in_features))
         if _trainable(module.bias):
-            yield module.bias, g.sum(1)
+            yield module.bias, _positions_summed(g)
 
 
 class Conv1DRule(FirstInput):
@@ -83,7 +89,7 @@ class Conv1DRule(FirstInput):
         if _trainable(module.weight):
             yield module.weight, Factored(_rows(saved, batch, module.nx), g)
         if _trainable(module.bias):
-            yield module.bias, g.sum(1)
+            yield module.bias, _positions_summed(g)
 
 
 class EmbeddingRule(FirstInput):
