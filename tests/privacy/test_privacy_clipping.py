@@ -326,6 +326,42 @@ def test_proof_cached_per_structure_and_reproved_when_it_changes(monkeypatch):
         clipper.backward(sq_loss(model, x, y))
 
 
+class Sometimes(nn.Module):
+    """The same layer calls every step; some steps add a weight penalty or mix the samples."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(5, 4), nn.Linear(4, 3)
+        self.penalty = self.mix = False
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        if self.mix:
+            h = h + h.mean(0)  # every sample's output now depends on every other sample
+        out = self.b(h)
+        if self.penalty:
+            out = out + (self.a.weight ** 2).sum()  # a use outside a's call
+        return out
+
+
+def test_cached_proof_not_reused_for_a_changed_graph():
+    """The hooked calls are the same on every step below; what changes is the graph between them.
+    A weight read outside its module's call is refused even after the structure was proved, and a
+    sample-mixing op makes the pass be proved again (and refused), never served the cached proof."""
+    torch.manual_seed(13)
+    model = Sometimes().double()
+    x, y = torch.randn(B, 5, dtype=torch.float64), torch.randn(B, 3, dtype=torch.float64)
+    clipper = PerSampleClipper(model, 0.7)
+    for _ in range(2):
+        clipper.backward(sq_loss(model, x, y))
+    model.penalty = True
+    with pytest.raises(ValueError, match=r"parameter a\.weight \(Linear\) reaches the loss outside"):
+        clipper.backward(sq_loss(model, x, y))
+    model.penalty, model.mix = False, True
+    with pytest.raises(ValueError, match=r"module a \(Linear\).*samples mixed"):
+        clipper.backward(sq_loss(model, x, y))
+
+
 def test_batchnorm_refused():
     with pytest.raises(ValueError, match="GroupNorm"):
         PerSampleClipper(nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)), 1.0)

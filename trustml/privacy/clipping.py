@@ -24,12 +24,13 @@ position-wise layers on rows folded sample-major into dim 0, (B*T, d), read them
 
 Nothing is assumed silently. Each new *signature* of a pass (which layers ran, the trainable set,
 where the batch size occurs in their shapes) is proved once, before its gradients are used, by a
-probe (:meth:`PerSampleClipper._probe`): the autograd graph holds no parameter use outside the
-recorded calls (:mod:`trustml.privacy.graph`); each recorded output's rows reach only their own
+probe (:meth:`PerSampleClipper._probe`): each recorded output's rows reach only their own
 sample's loss (two backward passes over the even and the odd samples); every generic-path call
 replays exactly per sample. A failure is a :class:`Refusal` naming the module, its class and why
 (an :class:`AmbiguousBatch` when the batch size collides with another dimension: another batch
-size may pass, and DPStep retries with one).
+size may pass, and DPStep retries with one). Every pass, proved before or not, walks its autograd
+graph (:mod:`trustml.privacy.graph`): a parameter used outside the recorded calls is refused, and
+a graph whose structure differs from the proved one's is proved anew.
 """
 
 from __future__ import annotations
@@ -185,7 +186,7 @@ class PerSampleClipper:
         self._hooked: dict[nn.Module, str] = {}
         self._rules: dict[nn.Module, tuple[tuple, Rule, list[nn.Parameter]]] = {}
         self._trainable: list[nn.Parameter] = []
-        self._proven: dict[tuple, _Proof] = {}  # pass signature -> what its proof fixed
+        self._proven: dict[tuple, _Proof] = {}  # (signature, graph fingerprint) -> its proof
         self._known: tuple[int, int, tuple] | None = None  # (records, batch, signature) at the
         # end of this forward, computed there for an expanded call: backward reuses it
         self._handles = [model.register_forward_pre_hook(self._note_batch, with_kwargs=True),
@@ -283,10 +284,15 @@ class PerSampleClipper:
             # this pass's structure is unproven, else it would cost a logits-sized copy per step.
             signature = self._signature(self._records, self._trainable, self._batch)
             self._known = (len(self._records), self._batch, signature)
-            if signature not in self._proven:
+            if not self._calls_proven(signature):
                 self._call.output = output
             self._calls.append(self._call)
         self._call = None
+
+    def _calls_proven(self, signature: tuple) -> bool:
+        """Whether a pass of these calls was proved (its expansions then hold, whatever the graph
+        between the calls)."""
+        return any(key[0] == signature for key in self._proven)
 
     @staticmethod
     def _signature(records: list[_Record], trainable: list, batch: int) -> tuple:
@@ -376,12 +382,15 @@ class PerSampleClipper:
         edges = [e for r in records for e in r.edges]
         signature = (known[2] if known is not None and known[:2] == (len(records), batch)
                      else self._signature(records, trainable, batch))
-        proof = self._proven.get(signature)
+        key = (signature, self._walk(losses, records, trainable))
+        proof = self._proven.get(key)
         if proof is None:
-            proof = self._prove(losses, records, calls, edges, batch, trainable)
+            if not self._calls_proven(signature):
+                self._prove_expansions(calls, batch)
+            proof = self._prove(losses, records, edges, batch, trainable)
             if len(self._proven) >= PROOFS_KEPT:  # re-proving an evicted structure is safe
                 self._proven.pop(next(iter(self._proven)))
-            self._proven[signature] = proof
+            self._proven[key] = proof
         unused = proof.unused
         grads = torch.autograd.grad(
             losses,
@@ -425,8 +434,8 @@ class PerSampleClipper:
                 p.grad += g
         return norms
 
-    def _prove(self, losses: Tensor, records: list[_Record], calls: list[Call], edges: list,
-               batch: int, trainable: list) -> _Proof:
+    def _prove(self, losses: Tensor, records: list[_Record], edges: list, batch: int,
+               trainable: list) -> _Proof:
         """Prove a pass of a new signature (or refuse) and what follows from it."""
         used = {id(p) for r in records for p in self._covered(r)}
         unused = [p for p in trainable if id(p) not in used]
@@ -434,7 +443,6 @@ class PerSampleClipper:
             raise ValueError(
                 "no layer with trainable parameters ran in the forward pass since the last backward"
             )
-        self._prove_expansions(calls, batch)
         dims = self._probe(losses, records, batch, trainable)
         last = {id(p): k for k, r in enumerate(records) for p in self._covered(r)}
         return _Proof(dims, unused, last)
@@ -511,12 +519,14 @@ class PerSampleClipper:
         finally:
             self._recording = True
 
-    def _probe(
-        self, losses: Tensor, records: list[_Record], batch: int, trainable: list
-    ) -> list[list[int]]:
-        """Prove this pass's structure once (see the module docstring) or refuse; return the
-        batch dim of every recorded output."""
-        names = {id(p): self._param_name(p) for p in trainable}
+    def _walk(self, losses: Tensor, records: list[_Record], trainable: list) -> int:
+        """Refuse a pass whose graph uses a trainable parameter outside the calls that own it;
+        return the graph's fingerprint.
+
+        Run on *every* pass, not only when a structure is first proved: the hooked calls alone do
+        not fix the graph (``loss + (w ** 2).sum()`` or ``h + h.mean(0)`` on some steps only), so
+        a proof is reused only for the same calls *and* the same graph fingerprint.
+        """
         boxes = [
             Box(r.edges,
                 [get_gradient_edge(x) for x in tree_leaves(r.inputs)
@@ -524,14 +534,22 @@ class PerSampleClipper:
                 {id(p) for p in self._covered(r)}, self._name(r.module))
             for r in records
         ]
-        stray = stray_uses(losses, boxes, names)
+        stray, fingerprint = stray_uses(losses, boxes, {id(p): p for p in trainable})
         if stray:
-            name, where = stray[0]
+            pid, where = stray[0]
+            name = self._param_name(next(p for p in trainable if id(p) == pid))
             raise Refusal(
                 f"parameter {name} reaches the loss {where}, not only through its module's calls: "
                 "per-sample clipping would drop that use. Call the module instead of using its "
                 "weight directly (e.g. tie weights to an nn.Linear), or freeze the parameter."
             )
+        return fingerprint
+
+    def _probe(
+        self, losses: Tensor, records: list[_Record], batch: int, trainable: list
+    ) -> list[list[int]]:
+        """Prove this pass's structure once (see the module docstring) or refuse; return the
+        batch dim of every recorded output."""
         edges = [e for r in records for e in r.edges]
         parities = []
         for parity in (0, 1) if batch > 1 and edges else ():
