@@ -114,6 +114,18 @@ class _ParamPlan:
             total = f.weighted_sum(c, into=total)
         return total
 
+    def add_to(self, c: Tensor, grad: Tensor) -> None:
+        """``grad += weighted_sum(c)`` in place (a later physical batch): no temporary of its size."""
+        if not grad.is_contiguous():
+            grad += self.weighted_sum(c).to(grad.dtype).reshape(grad.shape)
+        elif self.dense is not None:
+            grad.view(-1).addmv_(self.dense.T.to(grad.dtype), c.to(grad.dtype))
+        else:
+            f = self.factored[0]
+            target = grad.view(f.vocab if f.indexed else f.x.shape[2], f.y.shape[2])
+            for f in self.factored:
+                f.weighted_sum(c, into=target)
+
 
 def _first_tensor(tree: Any) -> Tensor | None:
     args = tree[0]
@@ -372,15 +384,16 @@ class PerSampleClipper:
         norms = norm2.sqrt() / loss_scale
         factors = self.max_grad_norm / norms.clamp(min=self.max_grad_norm)
         c = factors / loss_scale if loss_scale != 1 else factors
-        plans.reverse()
-        while plans:  # pop each plan: its factors are freed once its sum is taken
+        # Pop each plan: its factors are freed once its sum is taken. Smallest parameter first, so
+        # the largest sums (an embedding's) are allocated last, once most factors are freed.
+        plans.sort(key=lambda item: item[0].numel(), reverse=True)
+        while plans:
             p, plan = plans.pop()
-            g = plan.weighted_sum(c).to(p.dtype).reshape(p.shape)
-            del plan
             if p.grad is None:
-                p.grad = g
+                p.grad = plan.weighted_sum(c).to(p.dtype).reshape(p.shape)
             else:
-                p.grad += g
+                plan.add_to(c, p.grad)
+            del plan
         return norms
 
     def _covered(self, record: _Record) -> list[nn.Parameter]:
