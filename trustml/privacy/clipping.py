@@ -133,6 +133,18 @@ class _ParamPlan:
             total = f.weighted_sum(c, into=total)
         return total
 
+    def add_to(self, c: Tensor, grad: Tensor) -> None:
+        """``grad += weighted_sum(c)`` in place (a later physical batch): no temporary of its size."""
+        if not grad.is_contiguous():
+            grad += self.weighted_sum(c).to(grad.dtype).reshape(grad.shape)
+        elif self.dense is not None:
+            grad.view(-1).addmv_(self.dense.T.to(grad.dtype), c.to(grad.dtype))
+        else:
+            f = self.factored[0]
+            target = grad.view(f.vocab if f.indexed else f.x.shape[2], f.y.shape[2])
+            for f in self.factored:
+                f.weighted_sum(c, into=target)
+
 
 def _first_tensor(tree: Any) -> Tensor | None:
     args = tree[0]
@@ -419,19 +431,21 @@ class PerSampleClipper:
         c = self.max_grad_norm / norms.clamp(min=self.max_grad_norm)
         if loss_scale != 1:
             c = c / loss_scale
-        plans.reverse()
-        while plans:  # pop each plan: its factors are freed once its sum is taken
+        # Pop each plan: its factors are freed once its sum is taken. Smallest parameter first, so
+        # the largest sums (an embedding's) are allocated last, once most factors are freed.
+        plans.sort(key=lambda item: item[0].numel(), reverse=True)
+        while plans:
             p, plan = plans.pop()
-            g = plan.weighted_sum(c)
-            del plan
-            if g.dtype != p.dtype:
-                g = g.to(p.dtype)
-            if g.shape != p.shape:
-                g = g.reshape(p.shape)
             if p.grad is None:
+                g = plan.weighted_sum(c)
+                if g.dtype != p.dtype:
+                    g = g.to(p.dtype)
+                if g.shape != p.shape:
+                    g = g.reshape(p.shape)
                 p.grad = g
             else:
-                p.grad += g
+                plan.add_to(c, p.grad)
+            del plan
         return norms
 
     def _prove(self, losses: Tensor, records: list[_Record], edges: list, batch: int,

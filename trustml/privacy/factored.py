@@ -13,6 +13,7 @@ and the three embeddings summed into one hidden state receive one output gradien
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -84,24 +85,31 @@ def _key(t: Tensor) -> tuple:
 
 
 class Grams:
-    """Per-sample Gram matrices (B, T_a, T_b) = A B^T of one backward pass, each computed once.
+    """Per-sample Gram matrices (B, T_a, T_b) = A B^T of one backward pass, shared while recent.
 
     Keyed by the factors' memory (address, shape, strides, dtype): two views of the same rows share
-    a Gram. The cache holds the factors, so no address is reused while it lives.
+    a Gram. The cache holds the factors, so no address is reused while it lives. Layers that share
+    a factor are recorded one after another (BERT's query / key / value, the embeddings summed
+    into one hidden state), so only the ``keep`` most recently used Grams are kept: holding every
+    Gram of the pass until its end would add B T^2 numbers per layer to the step's peak memory.
     """
 
-    def __init__(self) -> None:
-        self._cache: dict[tuple, tuple[Tensor, Tensor, Tensor]] = {}
+    def __init__(self, keep: int = 4) -> None:
+        self._cache: OrderedDict[tuple, tuple[Tensor, Tensor, Tensor]] = OrderedDict()
+        self._keep = keep
 
     def __call__(self, a: Tensor, b: Tensor) -> Tensor:
         key = (_key(a), _key(b))
-        hit = self._cache.get(key)
-        if hit is None:
-            flipped = self._cache.get((key[1], key[0]))
-            if flipped is not None:
-                return flipped[2].transpose(1, 2)
-            hit = self._cache[key] = (a, b, torch.bmm(a, b.transpose(1, 2)))
-        return hit[2]
+        if key not in self._cache and (key[1], key[0]) in self._cache:
+            self._cache.move_to_end((key[1], key[0]))
+            return self._cache[key[1], key[0]][2].transpose(1, 2)
+        if key in self._cache:
+            self._cache.move_to_end(key)
+        else:
+            self._cache[key] = (a, b, torch.bmm(a, b.transpose(1, 2)))
+            if len(self._cache) > self._keep:
+                self._cache.popitem(last=False)
+        return self._cache[key][2]
 
 
 def gram(u: Factored, v: Factored, grams: Grams | None = None) -> Tensor:

@@ -4,10 +4,11 @@ One logical (Poisson-sampled) batch -> physical batches through the clipper (cli
 -> one Gaussian noise draw N(0, sigma^2 C^2) per coordinate -> division by the EXPECTED batch size
 (dividing by the realised size would leak it) -> optimizer step -> one accountant step.
 
-Per-step bookkeeping stays off the critical path: the noise of all parameters is one draw into
-one flat buffer (the clipped sums are added to it in one fused op, and it becomes the ``.grad``
-views), the epsilon budget is checked by counting steps against a limit found once, and epsilon
-is computed only when a step is logged (cached per accountant history).
+Per-step bookkeeping stays off the critical path: the noise is added in place to the clipped sums
+in ``.grad``, drawn chunk by chunk into one small reused buffer (:mod:`trustml.privacy.noise`: no
+model-sized temporary for the allocator to map and the kernel to fault in every step), the epsilon
+budget is checked by counting steps against a limit found once, and epsilon is computed only when a
+step is logged (cached per accountant history).
 
 The noised set is re-read from the optimizer at every step (a parameter unfrozen later is clipped
 and noised from that step on; one frozen later is left alone). The first batch is self-checked
@@ -31,7 +32,6 @@ Where the noise comes from (``seed``):
 from __future__ import annotations
 
 import math
-import secrets
 from collections.abc import Callable
 from functools import partial
 from typing import Any
@@ -42,6 +42,7 @@ from torch import nn
 from trustml.privacy.accounting import PrivacyAccountant
 from trustml.privacy.clipping import PerSampleClipper
 from trustml.privacy.generic import AmbiguousBatch
+from trustml.privacy.noise import add_gaussian_, chunk_size, secret_generator
 from trustml.privacy.verify import Verification, verify
 from trustml.training.distributed import World, all_reduce_sum
 from trustml.training.step import autocast
@@ -61,7 +62,7 @@ def split(batch: dict[str, torch.Tensor], size: int | None) -> list[dict[str, to
 
 
 def _by_device_and_dtype(params: list[nn.Parameter]) -> list[list[nn.Parameter]]:
-    """``params`` grouped by (device, dtype), in order: one noise buffer per group."""
+    """``params`` grouped by (device, dtype), in order: one noise buffer and all-reduce per group."""
     groups: dict[tuple, list[nn.Parameter]] = {}
     for p in params:
         groups.setdefault((p.device, p.dtype), []).append(p)
@@ -74,6 +75,14 @@ def _clipped_fraction(norms: torch.Tensor, max_grad_norm: float) -> float:
 
 def _median(norms: torch.Tensor) -> float:
     return norms.median().item() if len(norms) else 0.0
+
+
+def _all_reduce_grads(grads: list[torch.Tensor], world: World) -> None:
+    """Sum ``grads`` over the ranks in one collective (one flat bucket, as DDP does)."""
+    flat = torch._utils._flatten_dense_tensors(grads)
+    all_reduce_sum(flat, world)
+    for g, summed in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
+        g.copy_(summed)
 
 
 class DPStep:
@@ -126,6 +135,7 @@ class DPStep:
         self.world = world
         self.verify = verify
         self.verification: Verification | None = None
+        self._noise_buffers: dict[tuple, torch.Tensor] = {}  # (device, dtype) -> one noise chunk
         self._limit: tuple[tuple, int] | None = None  # (what it depends on, step limit)
 
     def _trainable(self) -> list[torch.nn.Parameter]:
@@ -229,30 +239,37 @@ class DPStep:
         std = self.noise_multiplier * self.clipper.max_grad_norm if self.world.is_main else 0.0
         generator = self.generator
         if std > 0 and generator is None:  # secure: a fresh secret seed for this step only
-            generator = torch.Generator(device=self.params[0].device)
-            generator.manual_seed(secrets.randbits(64))
+            generator = secret_generator(self.params[0].device)
         for params in _by_device_and_dtype(self.params):
-            # One draw for every coordinate of these parameters, into one flat buffer that becomes
-            # their .grad (views of it): the clipped sums are added in one fused op, and the
-            # division and the all-reduce are one op each. Every parameter the optimizer can
-            # update gets noise, including one the clipper gave no gradient (it gets noise only).
-            sizes = [p.numel() for p in params]
-            flat = torch.empty(sum(sizes), device=params[0].device, dtype=params[0].dtype)
+            # Every parameter the optimizer can update gets noise, including one the clipper gave
+            # no gradient (it gets noise only), added in place, then divided by the expected batch
+            # size. Dividing before the all-reduce is the same update: the sum is linear.
+            grads = [self._grad_of(p) for p in params]
             if std > 0:
-                flat.normal_(0.0, std, generator=generator)
+                add_gaussian_(grads, std, generator, self._noise_buffer(params[0]),
+                              divisor=self.expected_batch_size)
             else:
-                flat.zero_()
-            views = [v.view(p.shape) for p, v in zip(params, flat.split_with_sizes(sizes))]
-            clipped = [(v, p.grad) for p, v in zip(params, views) if p.grad is not None]
-            if clipped:
-                targets, sums = zip(*clipped)
-                torch._foreach_add_(list(targets), list(sums))
+                torch._foreach_div_(grads, self.expected_batch_size)
             if self.world.distributed:
-                all_reduce_sum(flat, self.world)
-            flat.div_(self.expected_batch_size)
-            for p, v in zip(params, views):
-                p.grad = v
+                _all_reduce_grads(grads, self.world)
         self.optimizer.step()
+
+    @staticmethod
+    def _grad_of(p: nn.Parameter) -> torch.Tensor:
+        """``p.grad`` made contiguous in place (its noise is added through a flat view), or
+        zeros for a parameter without a clipped gradient."""
+        if p.grad is None:
+            p.grad = torch.zeros_like(p, memory_format=torch.contiguous_format)
+        elif not p.grad.is_contiguous():
+            p.grad = p.grad.contiguous()
+        return p.grad
+
+    def _noise_buffer(self, p: nn.Parameter) -> torch.Tensor:
+        key = (p.device, p.dtype)
+        if key not in self._noise_buffers:
+            self._noise_buffers[key] = torch.empty(chunk_size(p.device), device=p.device,
+                                                   dtype=p.dtype)
+        return self._noise_buffers[key]
 
     def state_dict(self) -> dict[str, Any]:
         """The spent privacy and the loss scale; the noise generator only in reproducible mode."""
