@@ -1,4 +1,5 @@
-"""GroupNorm's rule (autograd's saved statistics, folded backward kernel) equals a per-sample loop."""
+"""GroupNorm's and LayerNorm's rules (autograd's saved statistics, no second forward) equal a
+per-sample loop (float64)."""
 
 from __future__ import annotations
 
@@ -107,3 +108,111 @@ def test_autocast_bf16_keeps_float32_statistics():
     want = [torch.autograd.grad(gn(x[i : i + 1].bfloat16()).float().pow(2).sum(), gn.weight)[0]
             for i in range(3)]
     torch.testing.assert_close(gn.weight.grad, sum(want), rtol=2e-2, atol=2e-2)
+
+
+# ---- LayerNorm: autograd's saved mean / rstd instead of a second forward ----------------------
+
+
+class Around(nn.Module):
+    """A Linear before the norm (a varied, trainable input) and a tanh after it; ``layout`` lays
+    the (B, T, d) rows out for the norm: batch-first, sequence-first (T, B, d) or folded (B*T, d)."""
+
+    def __init__(self, norm: nn.Module, width: int, layout: str = "batch-first"):
+        super().__init__()
+        self.before, self.norm, self.layout = nn.Linear(width, width), norm, layout
+
+    def forward(self, x):
+        h = self.before(x) * 3 + 1.5  # a mean far from 0
+        if self.layout == "sequence-first":
+            return torch.tanh(self.norm(h.transpose(0, 1)).transpose(0, 1))
+        if self.layout == "folded":
+            return torch.tanh(self.norm(h.reshape(-1, h.shape[-1])).reshape(h.shape))
+        return torch.tanh(self.norm(h))
+
+
+@pytest.mark.parametrize("layout", ["batch-first", "sequence-first", "folded"])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("batch", [1, 5])
+def test_layernorm_exact(layout, bias, batch):
+    torch.manual_seed(5)
+    ln = nn.LayerNorm(6, bias=bias)
+    nn.init.normal_(ln.weight)
+    if bias:
+        nn.init.normal_(ln.bias)
+    assert_exact(Around(ln, 6, layout), torch.randn(batch, 4, 6))
+
+
+@pytest.mark.parametrize("shape", [(5, 6), (5, 3, 2, 6)])
+def test_layernorm_over_several_dims_and_2d_input(shape):
+    """normalized_shape of two dims (the statistics have two trailing 1s), and a (B, d) input."""
+    torch.manual_seed(6)
+    normalized = shape[-1:] if len(shape) == 2 else shape[-2:]
+    ln = nn.LayerNorm(normalized)
+    nn.init.normal_(ln.weight), nn.init.normal_(ln.bias)
+    assert_exact(Around(ln, shape[-1]), torch.randn(shape))
+
+
+@pytest.mark.parametrize("frozen", ["weight", "bias"])
+def test_layernorm_one_parameter_frozen(frozen):
+    torch.manual_seed(7)
+    ln = nn.LayerNorm(6)
+    nn.init.normal_(ln.weight), nn.init.normal_(ln.bias)
+    getattr(ln, frozen).requires_grad_(False)
+    assert_exact(Around(ln, 6), torch.randn(5, 4, 6))
+
+
+def test_layernorm_statistics_are_autograd_s_and_no_second_forward():
+    """The statistics read off the autograd node equal the fallback's recomputed ones, and the
+    backward runs no LayerNorm forward (the old rule re-normalised the input)."""
+    torch.manual_seed(8)
+    ln = nn.LayerNorm(6).double()
+    nn.init.normal_(ln.weight)
+    x = torch.randn(4, 3, 6, dtype=torch.float64) * 2 + 1
+    rule = rule_for(ln)
+    from_node = rule.save(ln, (x,), {}, ln(x.requires_grad_()))
+    assert from_node.mean is not None and from_node.x.data_ptr() == x.data_ptr()
+    fallback = rule.save(ln, (x,), {}, ln(x).detach())  # no autograd node: computed at backward
+    assert fallback.mean is None
+    _, mean, rstd = torch.native_layer_norm(x.detach(), (6,), None, None, ln.eps)
+    torch.testing.assert_close(from_node.mean, mean, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(from_node.rstd, rstd, rtol=1e-12, atol=1e-12)
+    clipper = PerSampleClipper(ln, 1.0)
+    losses = (ln(x) * torch.randn(4, 3, 6, dtype=torch.float64)).flatten(1).sum(1)
+    with OpLog() as log:
+        clipper.backward(losses)
+    assert "aten.native_layer_norm.default" not in log.ops
+
+
+class BroadcastLN(nn.Module):
+    """A LayerNorm applied to one batch-1 tensor shared by the batch, then added to each sample:
+    the clipper expands its output, so the rule computes the statistics from the input."""
+
+    def __init__(self):
+        super().__init__()
+        self.seed = nn.Parameter(torch.randn(1, 4, 6), requires_grad=False)
+        self.ln = nn.LayerNorm(6)
+        nn.init.normal_(self.ln.weight)
+
+    def forward(self, x):
+        return torch.tanh(x * self.ln(self.seed))
+
+
+def test_layernorm_broadcast_batch_one_input():
+    torch.manual_seed(9)
+    assert_exact(BroadcastLN(), torch.randn(5, 4, 6))
+
+
+def test_layernorm_autocast_bf16():
+    """Under CPU autocast the kernel takes bf16 and saves float32 statistics; the rule reads both."""
+    torch.manual_seed(10)
+    ln = nn.LayerNorm(6)
+    nn.init.normal_(ln.weight)
+    x = torch.randn(3, 4, 6) * 2 + 1
+    clipper = PerSampleClipper(ln, 1e6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = ln(x.bfloat16().requires_grad_())
+    clipper.backward(out.float().pow(2).flatten(1).sum(1))
+    clipper.remove()
+    want = [torch.autograd.grad(ln(x[i : i + 1].bfloat16()).float().pow(2).sum(), ln.weight)[0]
+            for i in range(3)]
+    torch.testing.assert_close(ln.weight.grad, sum(want), rtol=2e-2, atol=2e-2)

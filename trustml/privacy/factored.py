@@ -46,7 +46,14 @@ class Factored:
 
     def ghost_cheaper(self) -> bool:
         """Ghost norm unless G_i (m n numbers per sample) is no larger than its factors
-        (T (m + n)): then materialising needs no extra memory and saves the T^2 (m + n) Grams."""
+        (T (m + n)): then materialising needs no extra memory and saves the T^2 (m + n) Grams.
+
+        In time materialising always wins once T is more than a few tokens (the clipped sum's
+        matmul is paid either way), so this is the fastest choice that adds no memory. Going
+        further costs memory for every sample: on BERT 4x256 (B=16, T=128) materialising the
+        256x1024 FFN layers too cut the clipper's user time by ~4% but raised the step's peak by
+        38-48 MiB (from ~140), as every per-sample gradient is held until the clip factors are
+        known."""
         if self.indexed:
             return True  # materialising is B x vocab x n: never worth it
         t, m, n = self.x.shape[1], self.x.shape[2], self.y.shape[2]

@@ -16,10 +16,10 @@ Rules never see the batch mixing of autograd: every tensor they get has the batc
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any, Protocol
+import math
+from typing import Any, NamedTuple, Protocol
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from trustml.privacy.conv import RULES as CONV_RULES
@@ -103,19 +103,60 @@ class EmbeddingRule(FirstInput):
         yield module.weight, Factored(ids, g, module.num_embeddings)
 
 
-class LayerNormRule(FirstInput):
+class Normalised(NamedTuple):
+    """A LayerNorm call's input and its per-row statistics (mean, rstd), or None for them when
+    autograd did not save them (then :class:`LayerNormRule` computes them from the input)."""
+
+    x: Tensor
+    mean: Tensor | None
+    rstd: Tensor | None
+
+    def movedim(self, source: int, destination: int) -> Normalised:
+        """The clipper moves a sequence-first call's batch dim to the front: the statistics'
+        leading dims are the input's, so they move with it."""
+        return Normalised(*(t if t is None else t.movedim(source, destination) for t in self))
+
+
+class LayerNormRule:
+    """LayerNorm's per-sample scale and shift gradients from autograd's own saved statistics.
+
+    Sample i's gradients are dW_i = sum_t dy[i, t] * xhat[i, t] and db_i = sum_t dy[i, t]. The
+    forward's autograd node keeps the per-row mean and rstd for its own backward; reading
+    xhat = (x - mean) * rstd off them costs one elementwise pass, where re-normalising the input
+    (the old rule) ran a second LayerNorm forward. An output that does not come straight from
+    ``native_layer_norm`` (one the clipper expanded from a batch-1 input, a user hook's) gets the
+    statistics computed from the input the way the forward does, at backward time.
+    """
+
+    def save(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Normalised:
+        node = getattr(output, "grad_fn", None)
+        if type(node).__name__ == "NativeLayerNormBackward0" and tuple(
+            node._saved_normalized_shape
+        ) == tuple(module.normalized_shape):
+            # the input the kernel consumed (after any autocast cast) and the statistics it saved
+            return Normalised(node._saved_input.detach(), node._saved_result1.detach(),
+                              node._saved_result2.detach())
+        return Normalised((args[0] if args else kwargs["input"]).detach(), None, None)
+
     def uses(self, module, saved, grads, batch):
-        size = 1
-        for s in module.normalized_shape:
-            size *= s
+        weight, bias = _trainable(module.weight), _trainable(module.bias)
+        if not (weight or bias):
+            return
+        size = math.prod(module.normalized_shape)
         g = grads[0]
-        x = batched(saved, batch).to(g.dtype)
-        xhat = F.layer_norm(x, module.normalized_shape, eps=module.eps)
         shape = (batch, *module.normalized_shape)
-        if _trainable(module.weight):
-            yield module.weight, (g * xhat).reshape(batch, -1, size).sum(1).reshape(shape)
-        if _trainable(module.bias):
+        if bias:
             yield module.bias, g.reshape(batch, -1, size).sum(1).reshape(shape)
+        if not weight:
+            return
+        x, mean, rstd = saved
+        if mean is None:
+            _, mean, rstd = torch.native_layer_norm(x, module.normalized_shape, None, None,
+                                                    module.eps)
+        dtype = torch.promote_types(g.dtype, mean.dtype)  # bf16 activations, float32 statistics
+        x, mean, rstd = (batched(t, batch) for t in (x, mean, rstd))
+        xhat = torch.sub(x.to(dtype), mean).mul_(rstd)  # one temporary, reused for the product
+        yield module.weight, xhat.mul_(g).reshape(batch, -1, size).sum(1).reshape(shape)
 
 
 class GroupNormRule:
