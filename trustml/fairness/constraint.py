@@ -58,6 +58,15 @@ def test_report(gap: Any, scores: np.ndarray, test: Any) -> dict[str, Any]:
     return report
 
 
+def near_constant_note(target: float, rate: float, chosen: str, advice: str) -> str | None:
+    """The summary's warning when the most accurate feasible ``chosen`` (iterate, decision) hardly
+    ever, or almost always, predicts 1; None otherwise."""
+    if NEAR_CONSTANT < rate < 1 - NEAR_CONSTANT:
+        return None
+    return (f"the most accurate {chosen} meeting fairness.target={target} on validation is a "
+            f"near-constant predictor (selection rate {rate:.3f}): {advice}")
+
+
 class ConstrainedStep:
     """A ``PlainStep`` with one fairness penalty whose multiplier meets ``target`` on validation.
 
@@ -147,12 +156,11 @@ class ConstrainedStep:
         if self.best_record["threshold"] != 0.5:
             fold_threshold(core.head, self.best_record["threshold"])
         summary.update({f"fairness_selected_{k}": v for k, v in self.best_record.items()})
-        rate = self.best_record["val_selected_selection_rate"]
-        if not NEAR_CONSTANT < rate < 1 - NEAR_CONSTANT:
-            summary["fairness_note"] = (
-                f"the most accurate iterate meeting fairness.target={self.target} on validation is "
-                f"a near-constant predictor (selection rate {rate:.3f}): nothing better met it; "
-                "relax the target, train longer or lower fairness.margin")
+        note = near_constant_note(self.target, self.best_record["val_selected_selection_rate"],
+                                  "iterate", "nothing better met it; relax the target, train "
+                                  "longer or lower fairness.margin")
+        if note:
+            summary["fairness_note"] = note
         return summary
 
     def test_report(self, scores: np.ndarray, test: Any) -> dict[str, Any]:

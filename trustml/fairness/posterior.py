@@ -57,7 +57,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trustml.fairness.constraint import NEAR_CONSTANT, test_report
+from trustml.fairness.constraint import near_constant_note, test_report
 from trustml.fairness.metrics import demographic_parity_difference
 from trustml.training.objectives import ObjectiveOutput
 
@@ -243,11 +243,10 @@ class GroupPosterior:
             "fairness_selected_val_selected_accuracy": decision.accuracy,
             "fairness_selected_val_selected_gap": decision.gap,
             "fairness_selected_val_selected_selection_rate": decision.selection_rate}
-        if not NEAR_CONSTANT < decision.selection_rate < 1 - NEAR_CONSTANT:
-            summary["fairness_note"] = (
-                f"the most accurate decision meeting fairness.target={self.target} on validation "
-                f"is a near-constant predictor (selection rate {decision.selection_rate:.3f}): "
-                "relax the target or lower fairness.margin")
+        note = near_constant_note(self.target, decision.selection_rate, "decision",
+                                  "relax the target or lower fairness.margin")
+        if note:
+            summary["fairness_note"] = note
         return summary
 
     def test_report(self, scores: np.ndarray, test: Any) -> dict[str, Any]:
