@@ -1,6 +1,7 @@
 """The DP step's fixed per-step costs, cut without changing a decision: the budget checked by step
 count (same stops as the per-step look-ahead, resumes and recalibrations included), epsilon
-computed only when logged and cached per history, all noise in one flat draw of the right std."""
+computed only when logged and cached per history, all noise from one generator stream (drawn in
+chunks) of the right std."""
 
 from __future__ import annotations
 
