@@ -545,13 +545,16 @@ class PerSampleClipper:
             Box(r.edges,
                 [get_gradient_edge(x) for x in tree_leaves(r.inputs)
                  if isinstance(x, Tensor) and x.requires_grad],
-                {id(p) for p in self._covered(r)}, self._name(r.module))
+                {id(p) for p in self._covered(r)})
             for r in records
         ]
-        stray, fingerprint = stray_uses(losses, boxes, {id(p): p for p in trainable})
+        by_id = {id(p): p for p in trainable}
+        stray, fingerprint = stray_uses(losses, boxes, by_id)
         if stray:
-            pid, where = stray[0]
-            name = self._param_name(next(p for p in trainable if id(p) == pid))
+            pid, box = stray[0]
+            name = self._param_name(by_id[pid])
+            where = ("outside any module call" if box is None
+                     else f"inside {self._name(records[box].module)}")
             raise Refusal(
                 f"parameter {name} reaches the loss {where}, not only through its module's calls: "
                 "per-sample clipping would drop that use. Call the module instead of using its "
