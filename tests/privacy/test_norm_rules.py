@@ -95,19 +95,31 @@ def test_broadcast_batch_one_input():
     assert_exact(module, torch.randn(5, 6, 4))
 
 
-def test_autocast_bf16_keeps_float32_statistics():
-    """Under CPU autocast the kernel runs bf16 in, float32 statistics; the rule reads both."""
+def _groupnorm() -> tuple[nn.Module, torch.Tensor]:
     torch.manual_seed(4)
-    gn = nn.GroupNorm(2, 4)
-    x = torch.randn(3, 4, 5)
-    clipper = PerSampleClipper(gn, 1e6)
+    return nn.GroupNorm(2, 4), torch.randn(3, 4, 5)
+
+
+def _layernorm() -> tuple[nn.Module, torch.Tensor]:
+    torch.manual_seed(10)
+    ln = nn.LayerNorm(6)
+    nn.init.normal_(ln.weight)
+    return ln, torch.randn(3, 4, 6) * 2 + 1
+
+
+@pytest.mark.parametrize("build", [_groupnorm, _layernorm], ids=["groupnorm", "layernorm"])
+def test_autocast_bf16_keeps_float32_statistics(build):
+    """Under CPU autocast the kernel runs bf16 in and saves float32 statistics; the rule reads
+    both (GroupNorm and LayerNorm)."""
+    norm, x = build()
+    clipper = PerSampleClipper(norm, 1e6)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = gn(x.bfloat16().requires_grad_())
+        out = norm(x.bfloat16().requires_grad_())
     clipper.backward(out.float().pow(2).flatten(1).sum(1))
     clipper.remove()
-    want = [torch.autograd.grad(gn(x[i : i + 1].bfloat16()).float().pow(2).sum(), gn.weight)[0]
+    want = [torch.autograd.grad(norm(x[i : i + 1].bfloat16()).float().pow(2).sum(), norm.weight)[0]
             for i in range(3)]
-    torch.testing.assert_close(gn.weight.grad, sum(want), rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(norm.weight.grad, sum(want), rtol=2e-2, atol=2e-2)
 
 
 # ---- LayerNorm: autograd's saved mean / rstd instead of a second forward ----------------------
@@ -200,19 +212,3 @@ class BroadcastLN(nn.Module):
 def test_layernorm_broadcast_batch_one_input():
     torch.manual_seed(9)
     assert_exact(BroadcastLN(), torch.randn(5, 4, 6))
-
-
-def test_layernorm_autocast_bf16():
-    """Under CPU autocast the kernel takes bf16 and saves float32 statistics; the rule reads both."""
-    torch.manual_seed(10)
-    ln = nn.LayerNorm(6)
-    nn.init.normal_(ln.weight)
-    x = torch.randn(3, 4, 6) * 2 + 1
-    clipper = PerSampleClipper(ln, 1e6)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = ln(x.bfloat16().requires_grad_())
-    clipper.backward(out.float().pow(2).flatten(1).sum(1))
-    clipper.remove()
-    want = [torch.autograd.grad(ln(x[i : i + 1].bfloat16()).float().pow(2).sum(), ln.weight)[0]
-            for i in range(3)]
-    torch.testing.assert_close(ln.weight.grad, sum(want), rtol=2e-2, atol=2e-2)
