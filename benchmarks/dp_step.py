@@ -22,7 +22,8 @@ Memory: every method again in its OWN subprocess; peak growth over the memory he
 the method's wrappers and the batch are built (RSS high-water mark with glibc's mmap threshold pinned
 on CPU, ``torch.cuda.max_memory_allocated`` on CUDA): of a steady step after warm-up (what training
 pays every step, including what the previous step left held), and of the first step (trustml's
-one-time probe and float64 self-check, Opacus's first allocations).
+one-time probe and float64 self-check, Opacus's first allocations). The memory run's JSON line also
+gives "file": the file-backed part of the steady figure (library code paged in by the steps).
 
     python benchmarks/dp_step.py --out dp_step.md                 # every CPU row (prints an estimate)
     python benchmarks/dp_step.py --rows cnn,mlp256 --repeats 9    # a subset
@@ -421,16 +422,25 @@ def peak(device: torch.device) -> int:
 
 def memory_growth(row_key: str, method: str, device: torch.device, amp: str, warmup: int,
                   explicit_ids: bool) -> dict[str, float]:
-    """MiB of peak growth over the built model, first step and a steady step (own process)."""
+    """MiB of peak growth over the built model, first step and a steady step (own process); on
+    CPU also how much of the steady figure is file-backed ("file": library code and read-only data
+    the steps paged in, counted by RSS though no step allocates it)."""
     step = build(row_key, method, device, amp, explicit_ids)
     base = reset_peak(device)
+    file_base = file_backed(device)
     step()
     first = peak(device) - base
     for _ in range(max(warmup - 1, 0)):
         step()
     reset_peak(device)
     step()
-    return {"steady": (peak(device) - base) / 2**20, "first": first / 2**20}
+    return {"steady": (peak(device) - base) / 2**20, "first": first / 2**20,
+            **({"file": (file_backed(device) - file_base) / 2**20} if device.type == "cpu" else {})}
+
+
+def file_backed(device: torch.device) -> int:
+    """Resident file-backed pages in bytes (RssFile: shared libraries' code and data)."""
+    return rss_kib("RssFile") * 1024 if device.type == "cpu" else 0
 
 
 def memory_in_subprocess(row_key: str, method: str, explicit_ids: bool, args) -> dict | str:

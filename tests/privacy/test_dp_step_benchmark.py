@@ -79,3 +79,13 @@ def test_script_writes_a_row_per_method_and_the_targets(tmp_path):
     assert rows["non-private"][3].startswith("1.00x")
     targets = [line for line in lines if line.startswith(f"| {title} | <= 1.30x")]
     assert len(targets) == 1 and ("met" in targets[0])
+
+
+def test_memory_run_splits_off_the_file_backed_pages(monkeypatch):
+    monkeypatch.setattr(dp_step, "ROWS", {**dp_step.ROWS, **TINY})
+    cpu = torch.device("cpu")
+    before = dp_step.file_backed(cpu)
+    got = dp_step.memory_growth("tiny_gpt2", "trustml", cpu, "none", 1, explicit_ids=False)
+    assert set(got) == {"steady", "first", "file"}
+    assert got["first"] >= 0 and got["steady"] >= 0
+    assert 0 <= got["file"] <= (dp_step.file_backed(cpu) - before) / 2**20

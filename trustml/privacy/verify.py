@@ -101,7 +101,7 @@ def verify(
     total = math.sqrt(sum(float((w**2).sum()) for w in want))
     floor = max(1e-3 * total, 1e-300)
     errs = [float((g - w).norm()) / max(float(w.norm()), floor) for g, w in zip(got, want)]
-    del ref, got, want, params
+    del ref, engine, got, want, params  # the engine refers to the float64 copy
     _free_mkl_buffers()
     worst = max(range(len(errs)), key=errs.__getitem__) if errs else 0
     result = Verification(k, errs[worst] if errs else 0.0, names[worst] if names else "")
