@@ -153,6 +153,17 @@ def _first_tensor(tree: Any) -> Tensor | None:
     return next((t for t in tree_leaves(tree) if isinstance(t, Tensor) and t.dim() > 0), None)
 
 
+def _input_edges(inputs: tuple) -> list[tuple[object, int]]:
+    """Where the gradient of each input of a call (``(args, kwargs)``) that requires grad enters
+    the graph: (node, output number), for the graph walk."""
+    args, kwargs = inputs
+    leaves = args if not kwargs and all(isinstance(a, Tensor) for a in args) else [
+        x for x in tree_leaves(inputs) if isinstance(x, Tensor)]
+    return [(x.grad_fn, x.output_nr) if x.grad_fn is not None
+            else tuple(get_gradient_edge(x))[:2]  # a leaf: its AccumulateGrad node
+            for x in leaves if x.requires_grad]
+
+
 def _described(name: str, module: nn.Module) -> str:
     return f"module {name or '<model>'} ({type(module).__name__})"
 
@@ -196,7 +207,7 @@ class PerSampleClipper:
         self._open: list[nn.Module] = []  # generic-path calls running: what runs inside is theirs
         self._entered: set[nn.Module] = set()  # generic-path modules with their pre-hook
         self._hooked: dict[nn.Module, str] = {}
-        self._rules: dict[nn.Module, tuple[tuple, Rule, list[nn.Parameter]]] = {}
+        self._rules: dict[nn.Module, tuple[tuple, Rule, list[nn.Parameter], set[int]]] = {}
         self._trainable: list[nn.Parameter] = []
         self._proven: dict[tuple, _Proof] = {}  # (signature, graph fingerprint) -> its proof
         self._known: tuple[int, int, tuple] | None = None  # (records, batch, signature) at the
@@ -272,7 +283,7 @@ class PerSampleClipper:
                 self._entered.add(module)
                 self._handles.append(module.register_forward_pre_hook(self._enter))
         covered = list(module.parameters()) if isinstance(rule, GenericRule) else _owned(module)
-        self._rules[module] = (key, rule, covered)
+        self._rules[module] = (key, rule, covered, {id(p) for p in covered})
         return rule
 
     # ---- forward: record each call ---------------------------------------------------------
@@ -541,13 +552,8 @@ class PerSampleClipper:
         not fix the graph (``loss + (w ** 2).sum()`` or ``h + h.mean(0)`` on some steps only), so
         a proof is reused only for the same calls *and* the same graph fingerprint.
         """
-        boxes = [
-            Box(r.edges,
-                [get_gradient_edge(x) for x in tree_leaves(r.inputs)
-                 if isinstance(x, Tensor) and x.requires_grad],
-                {id(p) for p in self._covered(r)})
-            for r in records
-        ]
+        boxes = [Box([(e.node, e.output_nr) for e in r.edges], _input_edges(r.inputs),
+                     self._rules[r.module][3]) for r in records]
         by_id = {id(p): p for p in trainable}
         stray, fingerprint = stray_uses(losses, boxes, by_id)
         if stray:
