@@ -439,7 +439,9 @@ class PerSampleClipper:
         norms = norm2.sqrt()
         if loss_scale != 1:
             norms = norms / loss_scale
-        c = self.max_grad_norm / norms.clamp(min=self.max_grad_norm)
+        # what ``C / clamped`` computes (Tensor.__rtruediv__), without its Python wrapper (22 us
+        # vs 10 on the Adult MLP)
+        c = norms.clamp(min=self.max_grad_norm).reciprocal_().mul_(self.max_grad_norm)
         if loss_scale != 1:
             c = c / loss_scale
         # Pop each plan: its factors are freed once its sum is taken. Smallest parameter first, so
