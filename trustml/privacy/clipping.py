@@ -340,14 +340,14 @@ class PerSampleClipper:
             self._open.pop()
         if self._open or not torch.is_grad_enabled():
             return None  # inside a generic-path call: that call's rule covers this one
-        first = _first_tensor((args, kwargs))
         leaves, spec = ([output], None) if isinstance(output, Tensor) else tree_flatten(output)
         generic = isinstance(rule, GenericRule)
         expand = (  # position-wise fast-rule layers on a batch-1 input (GPT-2's positions), and
             self._batch > 1  # generic calls with a batch input but a batch-1 output (BART's
             and any(isinstance(o, Tensor) and o.dim() > 0 and o.shape[0] == 1 for o in leaves)
             and (self._sees_batch(module, args, kwargs) if generic  # decoder positions)
-                 else first is not None and first.shape[0] == 1)
+                 else (first := _first_tensor((args, kwargs))) is not None
+                 and first.shape[0] == 1)
         )
         if expand:  # give every sample its own output (and output gradient); proved by the probe
             if self._call is not None:  # and by replaying the model without it (broadcast.py)
