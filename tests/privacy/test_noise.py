@@ -104,3 +104,59 @@ def test_secure_mode_seeds_a_fresh_generator_every_step(monkeypatch):
     a, b = torch.cat([n.flatten() for n in first]), torch.cat([n.flatten() for n in second])
     assert a.std().item() == pytest.approx(0.75, rel=0.05)
     assert abs(torch.corrcoef(torch.stack([a, b]))[0, 1].item()) < 4 / a.numel() ** 0.5
+
+
+def _zero_loss_steps(model, dp, batch, size):
+    """The noise of one zero-loss step with SGD lr 1, per trainable parameter: B * (start - after)."""
+    start = [p.detach().clone() for p in model.parameters()]
+    dp.step.step(model, zero_loss, batch)
+    return [size * (s - p.detach()) for s, p in zip(start, model.parameters())]
+
+
+@pytest.mark.parametrize("chunk", [1 << 16, 500])  # one chunk for all, and several
+def test_noise_plan_follows_the_parameter_layout(monkeypatch, chunk):
+    """The noise plan (groups, buffer, views) is made once per layout: a layer unfrozen or frozen
+    after the first step, and a cast to float64, are noised from that step on with std sigma * C
+    in the new dtype, and a frozen layer gets none."""
+    monkeypatch.setitem(noise.CHUNK, "cpu", chunk)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(60, 70), nn.Linear(70, 30))
+    model[0].requires_grad_(False)
+    dp = make_private(model, torch.optim.SGD(model.parameters(), lr=1.0), Rows(20, 60),
+                      noise_multiplier=1.5, target_delta=1e-5, epochs=1, max_grad_norm=0.5,
+                      batch_size=10, verify=False, seed=3, secure_rng=False)
+    x = Rows(20, 60).x[:12]
+    w0, b0, w1, b1 = _zero_loss_steps(model, dp, {"x": x}, 10)
+    assert not w0.any() and not b0.any()  # frozen: no noise
+    assert w1.std().item() == pytest.approx(0.75, rel=0.1)
+
+    model[0].requires_grad_(True)  # unfrozen after the plan was made
+    w0, b0, w1, b1 = _zero_loss_steps(model, dp, {"x": x}, 10)
+    assert w0.std().item() == pytest.approx(0.75, rel=0.1) and (w0 != 0).all()
+    assert w1.std().item() == pytest.approx(0.75, rel=0.1)
+
+    model[1].requires_grad_(False)
+    w0, b0, w1, b1 = _zero_loss_steps(model, dp, {"x": x}, 10)
+    assert w0.std().item() == pytest.approx(0.75, rel=0.1) and not w1.any() and not b1.any()
+
+    model.double()  # the same Parameter objects, now float64: a new plan in float64
+    model[1].requires_grad_(True)
+    w0, b0, w1, b1 = _zero_loss_steps(model, dp, {"x": x.double()}, 10)
+    assert model[0].weight.dtype == torch.float64
+    flat = torch.cat([w0.flatten(), w1.flatten()])
+    assert flat.std().item() == pytest.approx(0.75, rel=0.05) and (flat != 0).all()
+
+
+def test_gaussian_noise_of_one_chunk_is_the_flat_draw():
+    """The planned single-chunk path adds exactly the single flat draw, then divides, on
+    gradients of any strides (a transposed one included)."""
+    shapes = [torch.Size((13, 11)), torch.Size((5,)), torch.Size((4, 3))]
+    grads = [torch.randn(s, dtype=torch.float64) for s in shapes]
+    grads[2] = torch.randn(3, 4, dtype=torch.float64).T  # not contiguous
+    before = torch.cat([g.flatten() for g in grads])
+    plan = noise.GaussianNoise(shapes, torch.device("cpu"), torch.float64, divisor=4.0)
+    plan.add_(grads, 2.5, torch.Generator().manual_seed(7))
+    flat = torch.empty(before.numel(), dtype=torch.float64).normal_(
+        0.0, 2.5, generator=torch.Generator().manual_seed(7))
+    torch.testing.assert_close(torch.cat([g.flatten() for g in grads]), (before + flat) / 4.0,
+                               rtol=0, atol=0)

@@ -42,7 +42,7 @@ from torch import nn
 from trustml.privacy.accounting import PrivacyAccountant
 from trustml.privacy.clipping import PerSampleClipper
 from trustml.privacy.generic import AmbiguousBatch
-from trustml.privacy.noise import add_gaussian_, chunk_size, secret_generator
+from trustml.privacy.noise import GaussianNoise, secret_generator
 from trustml.privacy.verify import Verification, verify
 from trustml.training.distributed import World, all_reduce_sum
 from trustml.training.step import autocast
@@ -59,14 +59,6 @@ def split(batch: dict[str, torch.Tensor], size: int | None) -> list[dict[str, to
     if size is None or n <= size:
         return [batch]
     return [{k: v[i : i + size] for k, v in batch.items()} for i in range(0, n, size)]
-
-
-def _by_device_and_dtype(params: list[nn.Parameter]) -> list[list[nn.Parameter]]:
-    """``params`` grouped by (device, dtype), in order: one noise buffer and all-reduce per group."""
-    groups: dict[tuple, list[nn.Parameter]] = {}
-    for p in params:
-        groups.setdefault((p.device, p.dtype), []).append(p)
-    return list(groups.values())
 
 
 def _clipped_fraction(norms: torch.Tensor, max_grad_norm: float) -> float:
@@ -135,7 +127,7 @@ class DPStep:
         self.world = world
         self.verify = verify
         self.verification: Verification | None = None
-        self._noise_buffers: dict[tuple, torch.Tensor] = {}  # (device, dtype) -> one noise chunk
+        self._noise: tuple[tuple, list[tuple[list[int], GaussianNoise]]] | None = None
         self._limit: tuple[tuple, int] | None = None  # (what it depends on, step limit)
 
     def _trainable(self) -> list[torch.nn.Parameter]:
@@ -240,16 +232,16 @@ class DPStep:
         generator = self.generator
         if std > 0 and generator is None:  # secure: a fresh secret seed for this step only
             generator = secret_generator(self.params[0].device)
-        for params in _by_device_and_dtype(self.params):
+        params = self.params
+        for indices, noise in self._noise_groups():
             # Every parameter the optimizer can update gets noise, including one the clipper gave
             # no gradient (it gets noise only), added in place, then divided by the expected batch
             # size. Dividing before the all-reduce is the same update: the sum is linear.
-            grads = [self._grad_of(p) for p in params]
+            grads = [self._grad_of(params[i]) for i in indices]
             if std > 0:
-                add_gaussian_(grads, std, generator, self._noise_buffer(params[0]),
-                              divisor=self.expected_batch_size)
+                noise.add_(grads, std, generator)
             else:
-                torch._foreach_div_(grads, self.expected_batch_size)
+                torch._foreach_div_(grads, noise.divisor)
             if self.world.distributed:
                 _all_reduce_grads(grads, self.world)
         self.optimizer.step()
@@ -264,12 +256,21 @@ class DPStep:
             p.grad = p.grad.contiguous()
         return p.grad
 
-    def _noise_buffer(self, p: nn.Parameter) -> torch.Tensor:
-        key = (p.device, p.dtype)
-        if key not in self._noise_buffers:
-            self._noise_buffers[key] = torch.empty(chunk_size(p.device), device=p.device,
-                                                   dtype=p.dtype)
-        return self._noise_buffers[key]
+    def _noise_groups(self) -> list[tuple[list[int], GaussianNoise]]:
+        """Indices into ``self.params`` grouped by (device, dtype), each group with its noise
+        plan (one buffer and all-reduce per group). Planned again whenever the layout (every
+        parameter's shape, dtype and device, in order) or the divisor differs from the last
+        step's: a parameter unfrozen, frozen, added or cast since then is planned for."""
+        key = ([(p.shape, p.dtype, p.device) for p in self.params], self.expected_batch_size)
+        if self._noise is None or self._noise[0] != key:
+            groups: dict[tuple, list[int]] = {}
+            for i, p in enumerate(self.params):
+                groups.setdefault((p.device, p.dtype), []).append(i)
+            self._noise = (key, [
+                (indices, GaussianNoise([self.params[i].shape for i in indices], device, dtype,
+                                        self.expected_batch_size))
+                for (device, dtype), indices in groups.items()])
+        return self._noise[1]
 
     def state_dict(self) -> dict[str, Any]:
         """The spent privacy and the loss scale; the noise generator only in reproducible mode."""
