@@ -6,7 +6,8 @@ process, as ``dp_step.py`` does. The parts: the forward (with the clipper's hook
 output-gradient backward, the per-layer rules, each parameter's norm by kind (materialised,
 ghost: its Gram matrices and inner products, dense small parameters), the clipped sums (matmuls,
 the embedding's ``index_add``), the noise, the optimizer and the accountant; "rest" is what no
-counter covers (the graph walk is its own part; the rest is Python between the parts).
+counter covers (Python between the parts). Beside each part, its minor page faults per step
+(``getrusage``): a part that maps fresh memory pays the kernel's zeroing of every page.
 
     python benchmarks/dp_breakdown.py --row bert --repeats 5
 """
@@ -28,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import dp_step  # noqa: E402
 from dp_step import ROWS, build  # noqa: E402
 
+import trustml.privacy.accounting as accounting  # noqa: E402
 import trustml.privacy.clipping as clipping  # noqa: E402
 import trustml.privacy.factored as factored  # noqa: E402
 import trustml.privacy.layers as layers  # noqa: E402
@@ -119,6 +121,7 @@ def instrument(counters: Counters) -> None:
     c.patch(clipping._ParamPlan, "add_to", "clipped sums: add_to")
     c.patch(dpstep, "add_gaussian_", "noise (draw + add + divide)")
     c.patch(dpstep.DPStep, "_trainable", "trainable set")
+    c.patch(accounting.PrivacyAccountant, "step", "accountant step")
     c.patch(torch.Tensor, "backward", "backward (plain)")
 
 
