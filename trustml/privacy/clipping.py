@@ -47,7 +47,7 @@ from torch.utils._pytree import tree_flatten, tree_leaves, tree_unflatten
 from torch.nn.utils import parametrize
 
 from trustml.privacy.broadcast import Call, autocast_state, rng_state, unchanged
-from trustml.privacy.factored import Factored, Grams, Use, batched, inner, merge
+from trustml.privacy.factored import Factored, Grams, Use, batched, inner, merge, sqnorms
 from trustml.privacy.generic import KNOWN_LAYOUTS, AmbiguousBatch, GenericRule, Layout, Refusal
 from trustml.privacy.graph import Box, stray_uses
 from trustml.privacy.layers import (
@@ -112,8 +112,7 @@ class _ParamPlan:
                 total = total + part
             # reshape, not flatten(1): a 0-dim parameter gives (B, 1)
             self.dense = total.reshape(total.shape[0], -1)
-            wide = self.dense if self.dense.dtype == dtype else self.dense.to(dtype)
-            self.norm2 = torch.linalg.vecdot(wide, wide)
+            self.norm2 = sqnorms(self.dense, dtype)
             return
         total = inner(factored[0], factored[0], dtype, grams)
         for i, u in enumerate(factored):

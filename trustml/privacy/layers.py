@@ -47,8 +47,18 @@ class Rule(Protocol):
 
 def _positions_summed(g: Tensor) -> Tensor:
     """(B, n) per-sample bias gradients from (B, T, n) rows: a view when T = 1 (2-D inputs, an
-    MLP), where summing one position would be a reduction kernel and a copy."""
-    return g.squeeze(1) if g.shape[1] == 1 else g.sum(1)
+    MLP), where summing one position would be a reduction kernel and a copy.
+
+    Rows of 4 KiB or more are summed as a (1, T) by (T, n) product per sample: torch's CPU
+    reduction over dim 1 falls off a cliff there (BERT's (16, 128, 1024) FFN bias: 1.4 ms, as a
+    product 0.45 ms; 3x at n = 3072, GPT-2 small's FFN), while below it the reduction is the
+    faster (n = 256: 0.066 vs 0.077 ms)."""
+    b, t, n = g.shape
+    if t == 1:
+        return g.squeeze(1)
+    if n * g.element_size() < 4096:
+        return g.sum(1)
+    return torch.bmm(g.new_ones(b, 1, t), g).squeeze(1)
 
 
 def batch_dims(rule: Rule, module: nn.Module, ndim: int) -> range:

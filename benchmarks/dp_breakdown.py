@@ -1,0 +1,197 @@
+"""Where a DP step's time goes, beside the plain step's: CPU milliseconds per step, by part.
+
+Wraps the engine's functions with CPU-time counters (``time.process_time``; nested parts are
+counted once, in the innermost part) and steps the plain and the DP model round-robin in one
+process, as ``dp_step.py`` does. The parts: the forward (with the clipper's hooks), the
+output-gradient backward, the per-layer rules, each parameter's norm by kind (materialised,
+ghost: its Gram matrices and inner products, dense small parameters), the clipped sums (matmuls,
+the embedding's ``index_add``), the noise, the optimizer and the accountant; "rest" is what no
+counter covers (Python between the parts). Beside each part, its minor page faults per step
+(``getrusage``): a part that maps fresh memory pays the kernel's zeroing of every page.
+
+    python benchmarks/dp_breakdown.py --row bert --repeats 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import statistics
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import dp_step  # noqa: E402
+from dp_step import ROWS, build  # noqa: E402
+
+import trustml.privacy.accounting as accounting  # noqa: E402
+import trustml.privacy.clipping as clipping  # noqa: E402
+import trustml.privacy.factored as factored  # noqa: E402
+import trustml.privacy.layers as layers  # noqa: E402
+import trustml.privacy.step as dpstep  # noqa: E402
+
+
+def minor_faults() -> int:
+    """Page faults so far: a fresh large tensor is mapped and zeroed by the kernel page by page."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+class Counters:
+    """Exclusive CPU time per label: a wrapped call inside another counts only in the inner one."""
+
+    def __init__(self) -> None:
+        self.ms: dict[str, float] = defaultdict(float)
+        self.faults: dict[str, int] = defaultdict(int)
+        self._stack: list[tuple[float, int]] = []
+
+    def timed(self, label: str | Callable[..., str], fn: Callable) -> Callable:
+        def wrapper(*args, **kwargs):
+            name = label(*args, **kwargs) if callable(label) else label
+            self._stack.append((0.0, 0))
+            start, faults = time.process_time(), minor_faults()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                spent, faulted = time.process_time() - start, minor_faults() - faults
+                inner, inner_faults = self._stack.pop()
+                self.ms[name] += 1e3 * (spent - inner)
+                self.faults[name] += faulted - inner_faults
+                if self._stack:
+                    ms, f = self._stack[-1]
+                    self._stack[-1] = (ms + spent, f + faulted)
+
+        return wrapper
+
+    def timed_generator(self, label: str, fn: Callable) -> Callable:
+        """A generator's work runs inside each ``next``: time those."""
+
+        def wrapper(*args, **kwargs):
+            it = fn(*args, **kwargs)
+            step = self.timed(label, lambda: next(it, None))
+            while (item := step()) is not None:
+                yield item
+
+        return wrapper
+
+    def patch(self, owner, name: str, label) -> None:
+        setattr(owner, name, self.timed(label, getattr(owner, name)))
+
+
+def plan_kind(plan, uses, strategy, dtype, grams) -> str:
+    fs = [u for u in uses if isinstance(u, factored.Factored)]
+    if len(fs) < len(uses):
+        return "norms: dense (biases, LayerNorm)"
+    if any(f.indexed for f in fs):
+        return "norms: embeddings (ghost)"
+    f = fs[0]
+    shape = f"{f.x.shape[2]}x{f.y.shape[2]}"
+    how = "ghost" if len(fs) > 1 or f.ghost_cheaper() else "materialised"
+    return f"norms: {shape} {how} (T={f.x.shape[1]})"
+
+
+def sum_kind(plan, c) -> str:
+    if plan.dense is not None:
+        return "clipped sums: materialised (c @ G)"
+    if any(f.indexed for f in plan.factored):
+        return "clipped sums: embeddings (index_add)"
+    return "clipped sums: ghost layers (X^T diag(c) Y)"
+
+
+def instrument(counters: Counters) -> None:
+    c = counters
+    c.patch(clipping.PerSampleClipper, "_walk", "graph walk")
+    grad = torch.autograd.grad
+    clipping.torch.autograd.grad = c.timed("output-gradient backward", grad)  # the probe too
+    for rule in (layers.LinearRule, layers.Conv1DRule, layers.EmbeddingRule, layers.LayerNormRule):
+        rule.uses = c.timed_generator(f"rule: {rule.__name__}", rule.uses)
+    c.patch(factored.Factored, "materialise", lambda f: "materialise bmm" + (
+        " (ids)" if f.indexed else ""))
+    c.patch(factored.Grams, "__call__", "Gram bmm")
+    c.patch(factored, "gram", lambda u, v, g=None: "Gram of ids (eq / gather)" if (
+        u.indexed or v.indexed) else "Gram bmm")
+    c.patch(factored.Factored, "__post_init__", "factor dtype casts")
+    init = clipping._ParamPlan.__init__
+    clipping._ParamPlan.__init__ = c.timed(plan_kind, init)
+    c.patch(clipping._ParamPlan, "weighted_sum", sum_kind)
+    c.patch(clipping._ParamPlan, "add_to", "clipped sums: add_to")
+    c.patch(dpstep, "add_gaussian_", "noise (draw + add + divide)")
+    c.patch(dpstep.DPStep, "_trainable", "trainable set")
+    c.patch(accounting.PrivacyAccountant, "step", "accountant step")
+    c.patch(torch.Tensor, "backward", "backward (plain)")
+
+
+ORIGINAL = dp_step.objective_for, dp_step.optimizer
+
+
+def wrap_parts(c: Counters, name: str) -> None:
+    """The objective (forward) and the optimizer's step of the method built next."""
+    objective_for, make_optimizer = ORIGINAL
+
+    def timed_objective(*args):
+        return c.timed(f"forward ({name})", objective_for(*args))
+
+    def timed_optimizer(*args):
+        opt = make_optimizer(*args)
+        opt.step = c.timed(f"optimizer step ({name})", opt.step)
+        return opt
+
+    dp_step.objective_for, dp_step.optimizer = timed_objective, timed_optimizer
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--row", default="bert", choices=sorted(ROWS))
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    device = torch.device("cpu")
+    counters = Counters()
+    instrument(counters)
+
+    row = ROWS[args.row]
+    steps = {}
+    for name, method in (("plain", "non-private"), ("trustml", "trustml")):
+        wrap_parts(counters, name)
+        steps[name] = build(args.row, method, device, "none", False)
+    for _ in range(row.warmup + 1):
+        for step in steps.values():
+            step()
+    rounds: dict[str, list[dict[str, float]]] = {name: [] for name in steps}
+    fault_counts: dict[str, list[int]] = defaultdict(list)
+    for _ in range(args.repeats):
+        for name, step in steps.items():
+            counters.ms.clear()
+            counters.faults.clear()
+            start, faults = time.process_time(), minor_faults()
+            step()
+            total = 1e3 * (time.process_time() - start)
+            parts = dict(counters.ms)
+            rest = f"rest ({name}: Python between the parts)"
+            parts[rest] = total - sum(parts.values())
+            parts["TOTAL"] = total
+            rounds[name].append(parts)
+            counters.faults[rest] = minor_faults() - faults - sum(counters.faults.values())
+            for k, n in counters.faults.items():
+                fault_counts[k].append(n)
+    median = {}
+    for name in steps:
+        for k in {k for r in rounds[name] for k in r} - {"TOTAL"}:
+            median[k] = statistics.median(r.get(k, 0.0) for r in rounds[name])
+    plain_ms = statistics.median(r["TOTAL"] for r in rounds["plain"])
+    dp_ms = statistics.median(r["TOTAL"] for r in rounds["trustml"])
+    print(f"{ROWS[args.row].title}: plain {plain_ms:.1f} ms, trustml {dp_ms:.1f} ms "
+          f"({dp_ms / plain_ms:.3f}x), medians of {args.repeats} rounds: CPU ms and page faults "
+          "per step")
+    for k in sorted(median, key=lambda k: -median[k]):
+        faults = statistics.median(fault_counts[k]) if fault_counts[k] else 0
+        print(f"  {median[k]:8.1f} ms {faults:8.0f}  {k}")
+
+
+if __name__ == "__main__":
+    main()
