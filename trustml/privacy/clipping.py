@@ -35,6 +35,7 @@ a graph whose structure differs from the proved one's is proved anew.
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -78,12 +79,11 @@ class _Record:
 @dataclass
 class _Proof:
     """What a proven pass structure fixes (cached per signature, so a steady step re-derives
-    nothing): each recorded output's batch dim, the trainable parameters no recorded call covers,
-    and the last record covering each parameter (where its plan is built)."""
+    nothing): each recorded output's batch dim, and how many recorded calls cover each parameter
+    (its plan is built when the last of them has its output gradients)."""
 
     dims: list[list[int]]
-    unused: list[nn.Parameter]
-    last: dict[int, int]
+    calls: dict[int, int]
 
 
 class _ParamPlan:
@@ -403,23 +403,8 @@ class PerSampleClipper:
             if len(self._proven) >= PROOFS_KEPT:  # re-proving an evicted structure is safe
                 self._proven.pop(next(iter(self._proven)))
             self._proven[key] = proof
-        unused = proof.unused
-        grads = torch.autograd.grad(
-            losses,
-            edges + unused,
-            grad_outputs=torch.full_like(losses, loss_scale),
-            allow_unused=True,
-        )
-        for p, g in zip(unused, grads[len(edges) :]):
-            if g is not None:
-                raise Refusal(
-                    f"parameter {self._param_name(p)} got a gradient without its module being "
-                    "called (used functionally?); per-sample clipping cannot see that use"
-                )
-        outs = list(grads[: len(edges)])
-        del grads  # _plans drops each output gradient once its layer is processed
         dtype = torch.float64 if any(p.dtype == torch.float64 for p in trainable) else torch.float32
-        plans = self._plans(records, outs, batch, proof, dtype)
+        plans = self._plans(losses, records, batch, proof, dtype, loss_scale)
         norm2 = (
             torch.stack([plan.norm2 for _, plan in plans]).sum(0)
             if plans
@@ -451,15 +436,12 @@ class PerSampleClipper:
     def _prove(self, losses: Tensor, records: list[_Record], edges: list, batch: int,
                trainable: list) -> _Proof:
         """Prove a pass of a new signature (or refuse) and what follows from it."""
-        used = {id(p) for r in records for p in self._covered(r)}
-        unused = [p for p in trainable if id(p) not in used]
-        if not edges and not unused:
+        used = Counter(id(p) for r in records for p in self._covered(r))
+        if not edges and not any(id(p) not in used for p in trainable):
             raise ValueError(
                 "no layer with trainable parameters ran in the forward pass since the last backward"
             )
-        dims = self._probe(losses, records, batch, trainable)
-        last = {id(p): k for k, r in enumerate(records) for p in self._covered(r)}
-        return _Proof(dims, unused, last)
+        return _Proof(self._probe(losses, records, batch, trainable), dict(used))
 
     def _covered(self, record: _Record) -> list[nn.Parameter]:
         return self._rules[record.module][2]
@@ -658,36 +640,36 @@ class PerSampleClipper:
         """The gradient of the kept samples' losses is zero on the other samples' rows."""
         return g is None or not bool(g.movedim(d, 0)[~keep].ne(0).any())
 
-    def _plans(
-        self,
-        records: list[_Record],
-        grads: list[Tensor | None],
-        batch: int,
-        proof: _Proof,
-        dtype: torch.dtype,
-    ) -> list[tuple[nn.Parameter, _ParamPlan]]:
-        """Each parameter's plan, built as soon as its last use is known; every record's saved
-        tensors and output gradients are dropped once its uses are taken (``grads`` is emptied)."""
-        dims, last = proof.dims, proof.last
+    def _plans(self, losses: Tensor, records: list[_Record], batch: int, proof: _Proof,
+               dtype: torch.dtype, loss_scale: float) -> list[tuple[nn.Parameter, _ParamPlan]]:
+        """Run the backward pass and build every parameter's plan from the recorded calls.
+
+        Each recorded call's output gradients are taken the moment autograd has them, by a
+        pre-hook on the node that consumes them (``backward(inputs=edges)`` runs those nodes but,
+        given gradient edges rather than tensors, accumulates no ``.grad``), and its rule's uses
+        are taken at once. A parameter's plan is built as soon as every call covering it has
+        arrived, so a materialised layer drops its saved input and output gradient, and a ghost
+        layer its Gram matrices, while autograd is still running: only the factors the clipped
+        sums need are held, never every output gradient of the pass at once.
+
+        A call whose nodes never run did not reach the loss (no use, as for autograd.grad's None);
+        a call reached through only some of its outputs gets zeros for the others. A refusal
+        raised in a hook leaves the backward with no ``.grad`` written.
+        """
+        dims, calls = proof.dims, dict(proof.calls)
         uses: dict[int, tuple[nn.Parameter, list[Use]]] = {}
         plans: list[tuple[nn.Parameter, _ParamPlan]] = []
         grams = Grams()  # shared Gram matrices (one input read by several layers, ...)
-        at = 0
-        self._recording = False  # the generic path re-runs modules: do not record those calls
-        try:
-            for k, (r, ds) in enumerate(zip(records, dims)):
-                n = len(r.edges)
-                gs = grads[at : at + n]
-                grads[at : at + n] = [None] * n
-                at += n
-                reached = [g is not None for g in gs]
-                if not any(reached):
-                    continue  # this call did not reach the loss
-                if not all(reached):
-                    gs = [
-                        torch.zeros(s, dtype=d, device=dev) if g is None else g
-                        for g, (s, d, dev) in zip(gs, r.outputs)
-                    ]
+        got: list[list[Tensor | None] | None] = [[None] * len(r.edges) for r in records]
+        waiting = [len(r.edges) for r in records]
+
+        def take(k: int) -> None:
+            r, ds, gs = records[k], dims[k], got[k]
+            got[k] = None
+            if any(g is not None for g in gs):  # else this call did not reach the loss
+                if not all(g is not None for g in gs):
+                    gs = [torch.zeros(s, dtype=d, device=dev) if g is None else g
+                          for g, (s, d, dev) in zip(gs, r.outputs)]
                 for g, d in zip(gs, ds):
                     if g.dim() <= d or g.shape[d] != batch:  # else a folded or bad batch dim
                         self._check_shape(r, g, d, batch)
@@ -701,13 +683,41 @@ class PerSampleClipper:
                 except Refusal as err:
                     raise Refusal(f"{self._name(r.module)}: {err}") from None
                 del gs, saved
-                for p in self._covered(r):
-                    if last[id(p)] == k and id(p) in uses:
-                        plans.append((p, _ParamPlan(uses.pop(id(p))[1], self.strategy, dtype,
-                                                    grams)))
-            plans += [(p, _ParamPlan(u, self.strategy, dtype, grams)) for p, u in uses.values()]
+            for p in self._covered(r):
+                calls[id(p)] -= 1
+                if not calls[id(p)] and id(p) in uses:
+                    plans.append((p, _ParamPlan(uses.pop(id(p))[1], self.strategy, dtype, grams)))
+
+        def hook(targets: list[tuple[int, int, int]], leaf: bool):
+            def arrived(grad_outputs: tuple) -> tuple | None:
+                for k, j, nr in targets:
+                    got[k][j] = grad_outputs[nr]
+                    waiting[k] -= 1
+                    if not waiting[k]:
+                        take(k)
+                # a module returning a leaf tensor as is: its gradient must not reach its .grad
+                return (None,) * len(grad_outputs) if leaf else None
+            return arrived
+
+        nodes: dict[Any, list[tuple[int, int, int]]] = {}
+        for k, r in enumerate(records):
+            for j, e in enumerate(r.edges):
+                nodes.setdefault(e.node, []).append((k, j, e.output_nr))
+        handles = [node.register_prehook(hook(targets, hasattr(node, "variable")))
+                   for node, targets in nodes.items()]
+        self._recording = False  # the generic path re-runs modules: do not record those calls
+        try:
+            if nodes:  # (no inputs at all would mean every leaf's .grad)
+                torch.autograd.backward(losses, torch.full_like(losses, loss_scale),
+                                        inputs=[e for r in records for e in r.edges])
+            for k in range(len(records)):
+                if got[k] is not None:  # some output's node never ran: not reached that way
+                    take(k)
         finally:
             self._recording = True
+            for h in handles:
+                h.remove()
+        plans += [(p, _ParamPlan(u, self.strategy, dtype, grams)) for p, u in uses.values()]
         return plans
 
     def remove(self) -> None:
