@@ -11,8 +11,12 @@ import pytest
 import torch
 from torch import nn
 
+from test_conv_rules import assert_exact
+from test_conv_rules import loss_fn as conv_loss
 from test_privacy_clipping import STRATEGIES, Gated, naive, sq_loss
 from trustml.privacy import PerSampleClipper
+from trustml.privacy import conv as conv_rules
+from trustml.privacy.conv import ConvFactors
 from trustml.privacy.generic import Refusal
 
 B, T = 6, 3
@@ -179,3 +183,53 @@ def test_stray_use_refused_before_any_grad():
     with pytest.raises(Refusal, match=r"parameter extra \(Sequential\) reaches the loss outside"):
         clipper.backward(((model(torch.randn(4, 3)) * model.extra) ** 2).sum(1))
     assert all(p.grad is None for p in model.parameters())
+
+
+HELD_CASES = [  # small output maps of wide patches: input + output gradient < per-sample grads
+    (nn.Conv2d, (8, 8, 3), dict(padding=1), (5, 8, 3, 3)),
+    (nn.Conv2d, (8, 8, 3), dict(stride=2, padding=1, dilation=2, groups=2,
+                                padding_mode="circular"), (5, 8, 5, 5)),
+    (nn.Conv1d, (6, 6, 3), dict(padding="same", groups=2, padding_mode="reflect"), (5, 6, 4)),
+    (nn.Conv3d, (6, 6, 2), dict(groups=2, bias=False), (5, 6, 2, 2, 3)),
+]
+
+
+@pytest.mark.parametrize("case", range(len(HELD_CASES)))
+def test_convolution_held_as_input_and_output_gradient(monkeypatch, case):
+    """A convolution whose per-sample gradients are larger than its input and output gradient
+    keeps those two (ConvFactors): norms chunk by chunk, the clipped sum as one weight-gradient
+    convolution, exact in float64 for a fresh .grad and when accumulating into one, and for a
+    layer called twice (its two calls' gradients summed per sample before the norm)."""
+    torch.manual_seed(case)
+    cls, args, kwargs, shape = HELD_CASES[case]
+    summed = []
+    real = ConvFactors.weighted_sum
+    monkeypatch.setattr(ConvFactors, "weighted_sum",
+                        lambda self, c: summed.append(1) or real(self, c))
+    monkeypatch.setattr(conv_rules, "CHUNK_ELEMENTS", 1)  # one sample per chunk: several chunks
+    conv = cls(*args, **kwargs)
+    assert_exact(conv, torch.randn(shape))
+    assert summed  # the held route was taken
+    model = nn.Sequential(conv, nn.Tanh()).double()
+    model.zero_grad(set_to_none=True)
+    x = torch.randn(shape, dtype=torch.float64)
+    clipper = PerSampleClipper(model, 0.5)
+    clipper.backward(conv_loss(model, x))
+    once = [p.grad.clone() for p in model.parameters()]
+    clipper.backward(conv_loss(model, x))
+    for p, g in zip(model.parameters(), once):
+        torch.testing.assert_close(p.grad, 2 * g, rtol=1e-12, atol=1e-14)
+
+
+class ConvTwice(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(torch.tanh(self.conv(x)))
+
+
+def test_convolution_called_twice_with_held_factors():
+    torch.manual_seed(7)
+    assert_exact(ConvTwice(), torch.randn(5, 8, 3, 3))

@@ -2,14 +2,18 @@
 
 Forward hooks record, for every layer that owns trainable parameters, what its rule needs (the
 activations) and a handle on its output. :meth:`PerSampleClipper.backward` then runs ONE backward
-pass that asks autograd only for the gradients of those outputs -- so autograd never computes the
-(batch-summed) parameter gradients at all -- and builds from activations and output gradients:
+pass whose only targets are those outputs -- so autograd never computes the (batch-summed)
+parameter gradients at all -- and takes each layer's output gradient the moment autograd has it
+(a pre-hook on the node that consumes it), so that no more than what the clipped sums need is ever
+held at once:
 
 1. every sample's gradient norm, per parameter either by Gram matrices ("ghost norm",
    <X X^T, Y Y^T>, each Gram computed once per pass even when layers share an input or an output
-   gradient) or by materialising per-sample gradients when they are no larger than their factors
-   (:meth:`~trustml.privacy.factored.Factored.ghost_cheaper`); a materialised layer drops its
-   saved input and output gradient at once, and every parameter's norms go into one stacked sum;
+   gradient) or by materialising per-sample gradients when they are smaller than their factors
+   (:meth:`~trustml.privacy.factored.Factored.ghost_cheaper`; a convolution keeps whichever of
+   the two is smaller, :class:`~trustml.privacy.conv.ConvFactors`), built as soon as the last
+   call using the parameter has its output gradient, while autograd is still running: a
+   materialised layer drops its saved input and output gradient there, a ghost layer its Grams;
 2. the clip factors c_i = min(1, C / ||grad_i||);
 3. the clipped sum sum_i c_i grad_i as one matmul per parameter (no second backward pass), each
    parameter's factors freed as soon as its sum is taken.
@@ -48,6 +52,7 @@ from torch.utils._pytree import tree_flatten, tree_leaves, tree_unflatten
 from torch.nn.utils import parametrize
 
 from trustml.privacy.broadcast import Call, autocast_state, rng_state, unchanged
+from trustml.privacy.conv import ConvFactors
 from trustml.privacy.factored import Factored, Grams, Use, batched, inner, merge
 from trustml.privacy.generic import KNOWN_LAYOUTS, AmbiguousBatch, GenericRule, Layout, Refusal
 from trustml.privacy.graph import Box, stray_uses
@@ -93,28 +98,37 @@ class _ParamPlan:
     factors (the saved input and the output gradient) while the rest of the pass is processed.
     """
 
-    def __init__(self, uses: list[Use], strategy: Strategy, dtype: torch.dtype, grams: Grams):
-        dense = [u for u in uses if not isinstance(u, Factored)]
+    def __init__(self, uses: list[Use | ConvFactors], strategy: Strategy, dtype: torch.dtype,
+                 grams: Grams):
+        self.factors: ConvFactors | None = None
+        self.factored: list[Factored] = []
+        self.dense: Tensor | None = None
+        if len(uses) == 1 and isinstance(uses[0], ConvFactors) and strategy != "materialise":
+            self.factors = uses[0]  # a single call's input and output gradient: held as they are
+            self.norm2 = self.factors.norm2(dtype)
+            return
+        dense = [u for u in uses if isinstance(u, Tensor)]
+        held = [u for u in uses if isinstance(u, ConvFactors)]
         factored = [u for u in uses if isinstance(u, Factored)]
         if len(factored) > 1:
             factored = merge(factored)
         materialise = (
-            bool(dense)
+            bool(dense or held)
             or strategy == "materialise"
             or (strategy == "auto" and len(factored) == 1 and not factored[0].ghost_cheaper())
         )
-        self.factored: list[Factored] = [] if materialise else factored
-        self.dense: Tensor | None = None
         if materialise:
-            parts = dense + [f.materialise() for f in factored]
+            parts = dense + [f.materialise() for f in factored + held]
             total = parts[0]
             for part in parts[1:]:
                 total = total + part
             # reshape, not flatten(1): a 0-dim parameter gives (B, 1)
             self.dense = total.reshape(total.shape[0], -1)
             wide = self.dense if self.dense.dtype == dtype else self.dense.to(dtype)
-            self.norm2 = torch.linalg.vecdot(wide, wide)
+            # a norm reduction, not vecdot: no temporary as large as every per-sample gradient
+            self.norm2 = torch.linalg.vector_norm(wide, dim=1).square()
             return
+        self.factored = factored
         total = inner(factored[0], factored[0], dtype, grams)
         for i, u in enumerate(factored):
             if i:
@@ -124,6 +138,8 @@ class _ParamPlan:
         self.norm2 = total
 
     def weighted_sum(self, c: Tensor) -> Tensor:
+        if self.factors is not None:
+            return self.factors.weighted_sum(c)
         if self.dense is not None:
             return (c if c.dtype == self.dense.dtype else c.to(self.dense.dtype)) @ self.dense
         if len(self.factored) == 1:
@@ -134,8 +150,9 @@ class _ParamPlan:
         return total
 
     def add_to(self, c: Tensor, grad: Tensor) -> None:
-        """``grad += weighted_sum(c)`` in place (a later physical batch): no temporary of its size."""
-        if not grad.is_contiguous():
+        """``grad += weighted_sum(c)`` in place (a later physical batch): no temporary of its size
+        (but for a convolution's held factors, whose sum is one convolution)."""
+        if not grad.is_contiguous() or self.factors is not None:
             grad += self.weighted_sum(c).to(grad.dtype).reshape(grad.shape)
         elif self.dense is not None:
             grad.view(-1).addmv_(self.dense.T.to(grad.dtype), c.to(grad.dtype))
@@ -657,7 +674,7 @@ class PerSampleClipper:
         raised in a hook leaves the backward with no ``.grad`` written.
         """
         dims, calls = proof.dims, dict(proof.calls)
-        uses: dict[int, tuple[nn.Parameter, list[Use]]] = {}
+        uses: dict[int, tuple[nn.Parameter, list[Use | ConvFactors]]] = {}
         plans: list[tuple[nn.Parameter, _ParamPlan]] = []
         grams = Grams()  # shared Gram matrices (one input read by several layers, ...)
         got: list[list[Tensor | None] | None] = [[None] * len(r.edges) for r in records]
