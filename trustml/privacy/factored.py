@@ -45,11 +45,8 @@ class Factored:
         return self.vocab is not None
 
     def ghost_cheaper(self) -> bool:
-        """Ghost norm unless G_i (m n numbers per sample) is smaller than its factors
+        """Ghost norm unless G_i (m n numbers per sample) is no larger than its factors
         (T (m + n)): then materialising needs no extra memory and saves the T^2 (m + n) Grams.
-        A tie goes to ghost: layers that read one input share it (BERT's query / key / value,
-        256x256 at T=128: one input and three output gradients held instead of three
-        (B, 256, 256) gradients, 12 MiB less per block at B=16).
 
         In time materialising always wins once T is more than a few tokens (the clipped sum's
         matmul is paid either way), so this is the fastest choice that adds no memory. Going
