@@ -57,7 +57,7 @@ class Factored:
         if self.indexed:
             return True  # materialising is B x vocab x n: never worth it
         t, m, n = self.x.shape[1], self.x.shape[2], self.y.shape[2]
-        return t * (m + n) <= m * n
+        return t * (m + n) < m * n
 
     def materialise(self) -> Tensor:
         """(B, m, n) per-sample gradients."""
