@@ -2,14 +2,18 @@
 
 Forward hooks record, for every layer that owns trainable parameters, what its rule needs (the
 activations) and a handle on its output. :meth:`PerSampleClipper.backward` then runs ONE backward
-pass that asks autograd only for the gradients of those outputs -- so autograd never computes the
-(batch-summed) parameter gradients at all -- and builds from activations and output gradients:
+pass whose only targets are those outputs -- so autograd never computes the (batch-summed)
+parameter gradients at all -- and takes each layer's output gradient the moment autograd has it
+(a pre-hook on the node that consumes it), so that no more than what the clipped sums need is ever
+held at once:
 
 1. every sample's gradient norm, per parameter either by Gram matrices ("ghost norm",
    <X X^T, Y Y^T>, each Gram computed once per pass even when layers share an input or an output
-   gradient) or by materialising per-sample gradients when they are no larger than their factors
-   (:meth:`~trustml.privacy.factored.Factored.ghost_cheaper`); a materialised layer drops its
-   saved input and output gradient at once, and every parameter's norms go into one stacked sum;
+   gradient) or by materialising per-sample gradients when they are smaller than their factors
+   (:meth:`~trustml.privacy.factored.Factored.ghost_cheaper`; a convolution keeps whichever of
+   the two is smaller, :class:`~trustml.privacy.conv.ConvFactors`), built as soon as the last
+   call using the parameter has its output gradient, while autograd is still running: a
+   materialised layer drops its saved input and output gradient there, a ghost layer its Grams;
 2. the clip factors c_i = min(1, C / ||grad_i||);
 3. the clipped sum sum_i c_i grad_i as one matmul per parameter (no second backward pass), each
    parameter's factors freed as soon as its sum is taken.
@@ -35,6 +39,7 @@ a graph whose structure differs from the proved one's is proved anew.
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -47,6 +52,7 @@ from torch.utils._pytree import tree_flatten, tree_leaves, tree_unflatten
 from torch.nn.utils import parametrize
 
 from trustml.privacy.broadcast import Call, autocast_state, rng_state, unchanged
+from trustml.privacy.conv import ConvFactors
 from trustml.privacy.factored import Factored, Grams, Use, batched, inner, merge, sqnorms
 from trustml.privacy.generic import KNOWN_LAYOUTS, AmbiguousBatch, GenericRule, Layout, Refusal
 from trustml.privacy.graph import Box, stray_uses
@@ -78,12 +84,11 @@ class _Record:
 @dataclass
 class _Proof:
     """What a proven pass structure fixes (cached per signature, so a steady step re-derives
-    nothing): each recorded output's batch dim, the trainable parameters no recorded call covers,
-    and the last record covering each parameter (where its plan is built)."""
+    nothing): each recorded output's batch dim, and how many recorded calls cover each parameter
+    (its plan is built when the last of them has its output gradients)."""
 
     dims: list[list[int]]
-    unused: list[nn.Parameter]
-    last: dict[int, int]
+    calls: dict[int, int]
 
 
 class _ParamPlan:
@@ -93,20 +98,27 @@ class _ParamPlan:
     factors (the saved input and the output gradient) while the rest of the pass is processed.
     """
 
-    def __init__(self, uses: list[Use], strategy: Strategy, dtype: torch.dtype, grams: Grams):
-        dense = [u for u in uses if not isinstance(u, Factored)]
+    def __init__(self, uses: list[Use | ConvFactors], strategy: Strategy, dtype: torch.dtype,
+                 grams: Grams):
+        self.factors: ConvFactors | None = None
+        self.factored: list[Factored] = []
+        self.dense: Tensor | None = None
+        if len(uses) == 1 and isinstance(uses[0], ConvFactors) and strategy != "materialise":
+            self.factors = uses[0]  # a single call's input and output gradient: held as they are
+            self.norm2 = self.factors.norm2(dtype)
+            return
+        dense = [u for u in uses if isinstance(u, Tensor)]
+        held = [u for u in uses if isinstance(u, ConvFactors)]
         factored = [u for u in uses if isinstance(u, Factored)]
         if len(factored) > 1:
             factored = merge(factored)
         materialise = (
-            bool(dense)
+            bool(dense or held)
             or strategy == "materialise"
             or (strategy == "auto" and len(factored) == 1 and not factored[0].ghost_cheaper())
         )
-        self.factored: list[Factored] = [] if materialise else factored
-        self.dense: Tensor | None = None
         if materialise:
-            parts = dense + [f.materialise() for f in factored]
+            parts = dense + [f.materialise() for f in factored + held]
             total = parts[0]
             for part in parts[1:]:
                 total = total + part
@@ -114,6 +126,7 @@ class _ParamPlan:
             self.dense = total.reshape(total.shape[0], -1)
             self.norm2 = sqnorms(self.dense, dtype)
             return
+        self.factored = factored
         total = inner(factored[0], factored[0], dtype, grams)
         for i, u in enumerate(factored):
             if i:
@@ -123,6 +136,8 @@ class _ParamPlan:
         self.norm2 = total
 
     def weighted_sum(self, c: Tensor) -> Tensor:
+        if self.factors is not None:
+            return self.factors.weighted_sum(c)
         if self.dense is not None:
             return (c if c.dtype == self.dense.dtype else c.to(self.dense.dtype)) @ self.dense
         if len(self.factored) == 1:
@@ -133,8 +148,9 @@ class _ParamPlan:
         return total
 
     def add_to(self, c: Tensor, grad: Tensor) -> None:
-        """``grad += weighted_sum(c)`` in place (a later physical batch): no temporary of its size."""
-        if not grad.is_contiguous():
+        """``grad += weighted_sum(c)`` in place (a later physical batch): no temporary of its size
+        (but for a convolution's held factors, whose sum is one convolution)."""
+        if not grad.is_contiguous() or self.factors is not None:
             grad += self.weighted_sum(c).to(grad.dtype).reshape(grad.shape)
         elif self.dense is not None:
             grad.view(-1).addmv_(self.dense.T.to(grad.dtype), c.to(grad.dtype))
@@ -413,23 +429,8 @@ class PerSampleClipper:
             if len(self._proven) >= PROOFS_KEPT:  # re-proving an evicted structure is safe
                 self._proven.pop(next(iter(self._proven)))
             self._proven[key] = proof
-        unused = proof.unused
-        grads = torch.autograd.grad(
-            losses,
-            edges + unused,
-            grad_outputs=torch.full_like(losses, loss_scale),
-            allow_unused=True,
-        )
-        for p, g in zip(unused, grads[len(edges) :]):
-            if g is not None:
-                raise Refusal(
-                    f"parameter {self._param_name(p)} got a gradient without its module being "
-                    "called (used functionally?); per-sample clipping cannot see that use"
-                )
-        outs = list(grads[: len(edges)])
-        del grads  # _plans drops each output gradient once its layer is processed
         dtype = torch.float64 if any(p.dtype == torch.float64 for p in trainable) else torch.float32
-        plans = self._plans(records, outs, batch, proof, dtype)
+        plans = self._plans(losses, records, batch, proof, dtype, loss_scale)
         norm2 = (
             torch.stack([plan.norm2 for _, plan in plans]).sum(0)
             if plans
@@ -463,15 +464,12 @@ class PerSampleClipper:
     def _prove(self, losses: Tensor, records: list[_Record], edges: list, batch: int,
                trainable: list) -> _Proof:
         """Prove a pass of a new signature (or refuse) and what follows from it."""
-        used = {id(p) for r in records for p in self._covered(r)}
-        unused = [p for p in trainable if id(p) not in used]
-        if not edges and not unused:
+        used = Counter(id(p) for r in records for p in self._covered(r))
+        if not edges and not any(id(p) not in used for p in trainable):
             raise ValueError(
                 "no layer with trainable parameters ran in the forward pass since the last backward"
             )
-        dims = self._probe(losses, records, batch, trainable)
-        last = {id(p): k for k, r in enumerate(records) for p in self._covered(r)}
-        return _Proof(dims, unused, last)
+        return _Proof(self._probe(losses, records, batch, trainable), dict(used))
 
     def _covered(self, record: _Record) -> list[nn.Parameter]:
         return self._rules[record.module][2]
@@ -665,36 +663,36 @@ class PerSampleClipper:
         """The gradient of the kept samples' losses is zero on the other samples' rows."""
         return g is None or not bool(g.movedim(d, 0)[~keep].ne(0).any())
 
-    def _plans(
-        self,
-        records: list[_Record],
-        grads: list[Tensor | None],
-        batch: int,
-        proof: _Proof,
-        dtype: torch.dtype,
-    ) -> list[tuple[nn.Parameter, _ParamPlan]]:
-        """Each parameter's plan, built as soon as its last use is known; every record's saved
-        tensors and output gradients are dropped once its uses are taken (``grads`` is emptied)."""
-        dims, last = proof.dims, proof.last
-        uses: dict[int, tuple[nn.Parameter, list[Use]]] = {}
+    def _plans(self, losses: Tensor, records: list[_Record], batch: int, proof: _Proof,
+               dtype: torch.dtype, loss_scale: float) -> list[tuple[nn.Parameter, _ParamPlan]]:
+        """Run the backward pass and build every parameter's plan from the recorded calls.
+
+        Each recorded call's output gradients are taken the moment autograd has them, by a
+        pre-hook on the node that consumes them (``backward(inputs=edges)`` runs those nodes but,
+        given gradient edges rather than tensors, accumulates no ``.grad``), and its rule's uses
+        are taken at once. A parameter's plan is built as soon as every call covering it has
+        arrived, so a materialised layer drops its saved input and output gradient, and a ghost
+        layer its Gram matrices, while autograd is still running: only the factors the clipped
+        sums need are held, never every output gradient of the pass at once.
+
+        A call whose nodes never run did not reach the loss (no use, as for autograd.grad's None);
+        a call reached through only some of its outputs gets zeros for the others. A refusal
+        raised in a hook leaves the backward with no ``.grad`` written.
+        """
+        dims, calls = proof.dims, dict(proof.calls)
+        uses: dict[int, tuple[nn.Parameter, list[Use | ConvFactors]]] = {}
         plans: list[tuple[nn.Parameter, _ParamPlan]] = []
         grams = Grams()  # shared Gram matrices (one input read by several layers, ...)
-        at = 0
-        self._recording = False  # the generic path re-runs modules: do not record those calls
-        try:
-            for k, (r, ds) in enumerate(zip(records, dims)):
-                n = len(r.edges)
-                gs = grads[at : at + n]
-                grads[at : at + n] = [None] * n
-                at += n
-                reached = [g is not None for g in gs]
-                if not any(reached):
-                    continue  # this call did not reach the loss
-                if not all(reached):
-                    gs = [
-                        torch.zeros(s, dtype=d, device=dev) if g is None else g
-                        for g, (s, d, dev) in zip(gs, r.outputs)
-                    ]
+        got: list[list[Tensor | None] | None] = [[None] * len(r.edges) for r in records]
+        waiting = [len(r.edges) for r in records]
+
+        def take(k: int) -> None:
+            r, ds, gs = records[k], dims[k], got[k]
+            got[k] = None
+            if any(g is not None for g in gs):  # else this call did not reach the loss
+                if not all(g is not None for g in gs):
+                    gs = [torch.zeros(s, dtype=d, device=dev) if g is None else g
+                          for g, (s, d, dev) in zip(gs, r.outputs)]
                 for g, d in zip(gs, ds):
                     if g.dim() <= d or g.shape[d] != batch:  # else a folded or bad batch dim
                         self._check_shape(r, g, d, batch)
@@ -708,13 +706,41 @@ class PerSampleClipper:
                 except Refusal as err:
                     raise Refusal(f"{self._name(r.module)}: {err}") from None
                 del gs, saved
-                for p in self._covered(r):
-                    if last[id(p)] == k and id(p) in uses:
-                        plans.append((p, _ParamPlan(uses.pop(id(p))[1], self.strategy, dtype,
-                                                    grams)))
-            plans += [(p, _ParamPlan(u, self.strategy, dtype, grams)) for p, u in uses.values()]
+            for p in self._covered(r):
+                calls[id(p)] -= 1
+                if not calls[id(p)] and id(p) in uses:
+                    plans.append((p, _ParamPlan(uses.pop(id(p))[1], self.strategy, dtype, grams)))
+
+        def hook(targets: list[tuple[int, int, int]], leaf: bool):
+            def arrived(grad_outputs: tuple) -> tuple | None:
+                for k, j, nr in targets:
+                    got[k][j] = grad_outputs[nr]
+                    waiting[k] -= 1
+                    if not waiting[k]:
+                        take(k)
+                # a module returning a leaf tensor as is: its gradient must not reach its .grad
+                return (None,) * len(grad_outputs) if leaf else None
+            return arrived
+
+        nodes: dict[Any, list[tuple[int, int, int]]] = {}
+        for k, r in enumerate(records):
+            for j, e in enumerate(r.edges):
+                nodes.setdefault(e.node, []).append((k, j, e.output_nr))
+        handles = [node.register_prehook(hook(targets, hasattr(node, "variable")))
+                   for node, targets in nodes.items()]
+        self._recording = False  # the generic path re-runs modules: do not record those calls
+        try:
+            if nodes:  # (no inputs at all would mean every leaf's .grad)
+                torch.autograd.backward(losses, torch.full_like(losses, loss_scale),
+                                        inputs=[e for r in records for e in r.edges])
+            for k in range(len(records)):
+                if got[k] is not None:  # some output's node never ran: not reached that way
+                    take(k)
         finally:
             self._recording = True
+            for h in handles:
+                h.remove()
+        plans += [(p, _ParamPlan(u, self.strategy, dtype, grams)) for p, u in uses.values()]
         return plans
 
     def remove(self) -> None:

@@ -17,6 +17,10 @@ So the rule needs only the layer's saved input and its output gradient: no secon
     `benchmarks/conv_routes.py` times the routes per layer);
   both in chunks of samples (:data:`CHUNK_ELEMENTS`, :data:`COLUMN_ELEMENTS`) written into one
   preallocated result;
+* held (:class:`ConvFactors`): when the layer's input and output gradient are smaller than the
+  (B, *weight.shape) per-sample gradients, those two are kept until the clip factors are known
+  instead (the norms materialise one chunk of samples at a time; the clipped sum is one
+  weight-gradient convolution);
 * ghost (``groups == 1``, small output maps, wide channels): a
   :class:`~trustml.privacy.factored.Factored` Y_i^T P_i whose norm the clipper takes from L x L Gram
   matrices, exactly as for a linear layer (P from :func:`columns`).
@@ -35,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from trustml.privacy.factored import Factored, Use, batched
+from trustml.privacy.factored import Factored, Use, batched, sqnorms
 
 
 def _unbatched_error(module: nn.Module, x: Tensor, spatial: int) -> ValueError:
@@ -135,6 +139,46 @@ def unfolded_weight_grads(module: nn.Module, x: Tensor, g: Tensor, spatial: int)
     return out.view(b, *shape)
 
 
+class ConvFactors:
+    """A convolution's per-sample weight gradients kept as the layer's input and output gradient
+    (the Book-Keeping trick of Bu et al. 2023), for layers whose (B, *weight.shape) gradients are
+    larger than those two (small output maps, wide channels: the CNN's 64->64 layer on 8x8 maps
+    holds 2 MiB instead of 9 MiB until the clip factors are known). The norms materialise the
+    gradients a chunk of samples at a time (each chunk freed at once); the clipped sum is ONE
+    weight-gradient convolution whose output gradient has sample i's rows scaled by c_i, the
+    layer's own batch-summed backward: a second weight-gradient pass of the layer is the price."""
+
+    def __init__(self, module: nn.Module, x: Tensor, g: Tensor, spatial: int):
+        self.module, self.x, self.g, self.spatial = module, x, g, spatial
+
+    def materialise(self, x: Tensor | None = None, g: Tensor | None = None) -> Tensor:
+        """(B, *weight.shape) per-sample gradients (of the samples in ``x`` and ``g`` if given)."""
+        x, g = (self.x, self.g) if x is None else (x, g)
+        width, length = self.module.weight[0].numel(), g[0, 0].numel()
+        if width >= UNFOLD_WIDTH * length:
+            return unfolded_weight_grads(self.module, x, g, self.spatial)
+        return per_sample_weight_grads(self.module, x, g, self.spatial)
+
+    def norm2(self, dtype: torch.dtype) -> Tensor:
+        b = self.x.shape[0]
+        out = torch.empty(b, dtype=dtype, device=self.g.device)
+        step = max(1, CHUNK_ELEMENTS // self.module.weight.numel())
+        for i in range(0, b, step):
+            part = self.materialise(self.x[i : i + step], self.g[i : i + step]).flatten(1)
+            out[i : i + step] = sqnorms(part, dtype)
+        return out
+
+    def weighted_sum(self, c: Tensor) -> Tensor:
+        """sum_i c_i G_i, shaped like the weight."""
+        module, g = self.module, self.g
+        x, pad = padded(module, self.x, self.spatial)
+        scaled = g * c.to(g.dtype).view(-1, *[1] * (g.dim() - 1))
+        placeholder = g.new_empty(module.weight.shape)  # only its shape is read (not filled)
+        return torch.ops.aten.convolution_backward(
+            scaled, x, placeholder, None, module.stride, pad, module.dilation, False,
+            [0] * self.spatial, module.groups, [False, True, False])[1]
+
+
 class ConvRule:
     """Per-sample gradients of a ConvNd layer from its saved input and its output gradient."""
 
@@ -149,7 +193,7 @@ class ConvRule:
 
     def uses(
         self, module: nn.Module, saved: Tensor, grads: list[Tensor], batch: int
-    ) -> Iterator[tuple[nn.Parameter, Use]]:
+    ) -> Iterator[tuple[nn.Parameter, Use | ConvFactors]]:
         g = grads[0]  # (B, C_out, *L)
         weight, bias = module.weight, module.bias
         if weight.requires_grad:
@@ -159,10 +203,11 @@ class ConvRule:
             if module.groups == 1 and length * (c_out + width) <= c_out * width:
                 # Gram matrices (L x L per sample) are cheaper than the gradient itself
                 yield weight, Factored(g.flatten(2).transpose(1, 2), patches(module, x, self.spatial))
-            elif width >= UNFOLD_WIDTH * length:
-                yield weight, unfolded_weight_grads(module, x, g, self.spatial)
             else:
-                yield weight, per_sample_weight_grads(module, x, g, self.spatial)
+                factors = ConvFactors(module, x, g, self.spatial)
+                # hold whichever is smaller until the clip factors are known
+                yield weight, (factors if x.numel() + g.numel() < batch * weight.numel()
+                               else factors.materialise())
         if bias is not None and bias.requires_grad:
             yield bias, g.flatten(2).sum(2)
 
