@@ -33,7 +33,7 @@ def _watch_output_grads(clipper: PerSampleClipper, model: nn.Module, monkeypatch
 
     for module in clipper._hooked:
         module.register_forward_hook(note)
-    for rule in {id(rule): rule for _, rule, _ in clipper._rules.values()}.values():
+    for rule in {id(entry[1]): entry[1] for entry in clipper._rules.values()}.values():
 
         def watched(mod, saved, grads, batch, uses=rule.uses):
             alive.append(sum(ref() is not None for ref in made))
