@@ -15,6 +15,7 @@ from test_conv_rules import assert_exact
 from test_conv_rules import loss_fn as conv_loss
 from test_privacy_clipping import STRATEGIES, Gated, naive, sq_loss
 from trustml.privacy import PerSampleClipper
+from trustml.privacy import clipping
 from trustml.privacy import conv as conv_rules
 from trustml.privacy.conv import ConvFactors
 from trustml.privacy.generic import Refusal
@@ -48,6 +49,7 @@ def test_output_gradients_are_not_all_held_at_once(monkeypatch):
     soon as their per-sample gradients exist, so whenever a rule runs at most two output
     gradients are alive (when autograd handed over all twelve at the end of the backward, the
     first rule to run saw all twelve)."""
+    monkeypatch.setattr(clipping, "STREAM_BYTES", 0)  # these are bytes: take each as it arrives
     torch.manual_seed(0)
     depth = 6
     layers = []
@@ -113,9 +115,15 @@ class Streams(nn.Module):
         return self.head(h)
 
 
+# each call taken as it arrives, or (small gradients under the default budget) after the backward
+BUDGETS = [0, clipping.STREAM_BYTES]
+
+
+@pytest.mark.parametrize("budget", BUDGETS)
 @pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("drop", [False, True])
-def test_exact_whatever_the_arrival_order(strategy, drop):
+def test_exact_whatever_the_arrival_order(strategy, drop, budget, monkeypatch):
+    monkeypatch.setattr(clipping, "STREAM_BYTES", budget)
     torch.manual_seed(3)
     model = Streams(drop).double()
     ids, y = torch.randint(0, 9, (B, T)), torch.randn(B, T, 9, dtype=torch.float64)
@@ -146,9 +154,12 @@ def test_exact_on_a_steady_pass_accumulating():
         assert p.grad is None if g is None else torch.allclose(p.grad, 2 * g, rtol=1e-12)
 
 
-def test_refusal_mid_backward_writes_no_grad(monkeypatch):
-    """A rule refusing while autograd runs (here the third layer to arrive) stops the backward
-    with the same Refusal, naming the module, and no parameter's .grad has been touched."""
+@pytest.mark.parametrize("budget", BUDGETS)
+def test_refusal_mid_backward_writes_no_grad(budget, monkeypatch):
+    """A rule refusing while autograd runs (here the third layer to arrive), or after it, stops
+    the backward with the same Refusal, naming the module, and no parameter's .grad has been
+    touched."""
+    monkeypatch.setattr(clipping, "STREAM_BYTES", budget)
     torch.manual_seed(5)
     model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4))
     clipper = PerSampleClipper(model, 1.0)
