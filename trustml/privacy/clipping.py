@@ -161,6 +161,56 @@ class _ParamPlan:
                 f.weighted_sum(c, into=target)
 
 
+class _LinearPlan:
+    """Both parameters of an ``nn.Linear`` called once per pass on 2-D input (an MLP's layers):
+    rank one per sample, G_i = g_i x_i^T for the weight and g_i for the bias, so one output row
+    norm ||g_i||^2 serves both, ||G_i||^2 = ||x_i||^2 ||g_i||^2, and the clipped sums are one
+    matmul and one matrix-vector product. The same values as :class:`_ParamPlan` over
+    :class:`Factored` (whose rank-one inner product this is), without its per-parameter objects:
+    on the Adult MLP those cost more than the arithmetic."""
+
+    __slots__ = ("weight", "bias", "x", "g", "norm2")
+
+    def __init__(self, weight: nn.Parameter | None, bias: nn.Parameter | None, x: Tensor,
+                 g: Tensor, dtype: torch.dtype):
+        self.weight, self.bias, self.x, self.g = weight, bias, x, g
+        gw = g if g.dtype == dtype else g.to(dtype)
+        gg = torch.linalg.vecdot(gw, gw)
+        if weight is None:
+            self.norm2 = gg
+            return
+        xw = x if x.dtype == dtype else x.to(dtype)
+        xx = torch.linalg.vecdot(xw, xw)
+        self.norm2 = xx.mul_(gg) if bias is None else torch.addcmul(gg, xx, gg)
+
+    def write(self, c: Tensor) -> None:
+        """Add each parameter's clipped sum to its ``.grad`` (set it when None)."""
+        g, x = self.g, self.x
+        c = c if c.dtype == g.dtype else c.to(g.dtype)
+        if self.weight is not None:
+            w = self.weight
+            if g.shape[1] <= x.shape[1]:  # scale the smaller factor
+                g, x = g * c.unsqueeze(1), x
+            else:
+                g, x = g, x * c.unsqueeze(1)
+            if w.grad is None:
+                s = g.T @ x
+                w.grad = s if s.dtype == w.dtype else s.to(w.dtype)
+            elif w.grad.dtype == g.dtype and w.grad.is_contiguous():
+                w.grad.addmm_(g.T, x)
+            else:
+                w.grad += (g.T @ x).to(w.grad.dtype)
+        b = self.bias
+        if b is not None:
+            if b.grad is None:
+                s = c @ self.g
+                b.grad = s if s.dtype == b.dtype else s.to(b.dtype)
+            elif b.grad.dtype == self.g.dtype:
+                b.grad.addmv_(self.g.T, c)
+            else:
+                b.grad += (c @ self.g).to(b.grad.dtype)
+
+
 def _first_tensor(tree: Any) -> Tensor | None:
     args = tree[0]
     if args and isinstance(args[0], Tensor) and args[0].dim() > 0:  # the common case: no tree walk
@@ -449,7 +499,9 @@ class PerSampleClipper:
         plans.sort(key=lambda item: item[0].numel(), reverse=True)
         while plans:
             p, plan = plans.pop()
-            if p.grad is None:
+            if type(plan) is _LinearPlan:
+                plan.write(c)
+            elif p.grad is None:
                 g = plan.weighted_sum(c)
                 if g.dtype != p.dtype:
                     g = g.to(p.dtype)
@@ -664,7 +716,7 @@ class PerSampleClipper:
         return g is None or not bool(g.movedim(d, 0)[~keep].ne(0).any())
 
     def _plans(self, losses: Tensor, records: list[_Record], batch: int, proof: _Proof,
-               dtype: torch.dtype, loss_scale: float) -> list[tuple[nn.Parameter, _ParamPlan]]:
+               dtype: torch.dtype, loss_scale: float) -> list[tuple[nn.Parameter, _ParamPlan | _LinearPlan]]:
         """Run the backward pass and build every parameter's plan from the recorded calls.
 
         Each recorded call's output gradients are taken the moment autograd has them, by a
@@ -681,14 +733,26 @@ class PerSampleClipper:
         """
         dims, calls = proof.dims, dict(proof.calls)
         uses: dict[int, tuple[nn.Parameter, list[Use | ConvFactors]]] = {}
-        plans: list[tuple[nn.Parameter, _ParamPlan]] = []
+        plans: list[tuple[nn.Parameter, _ParamPlan | _LinearPlan]] = []
         grams = Grams()  # shared Gram matrices (one input read by several layers, ...)
         got: list[list[Tensor | None] | None] = [[None] * len(r.edges) for r in records]
         waiting = [len(r.edges) for r in records]
 
+        fast = self.strategy != "materialise"
+
         def take(k: int) -> None:
             r, ds, gs = records[k], dims[k], got[k]
             got[k] = None
+            if fast and type(r.rule) is LinearRule and self._linear(r, gs, ds, batch, proof):
+                module, x, g = r.module, r.saved, gs[0]
+                r.saved = r.inputs = None
+                weight = module.weight if module.weight.requires_grad else None
+                bias = module.bias if module.bias is not None and module.bias.requires_grad \
+                    else None
+                if weight is not None or bias is not None:
+                    plans.append((bias if weight is None else weight,
+                                  _LinearPlan(weight, bias, x, g, dtype)))
+                return
             if any(g is not None for g in gs):  # else this call did not reach the loss
                 if not all(g is not None for g in gs):
                     gs = [torch.zeros(s, dtype=d, device=dev) if g is None else g
@@ -742,6 +806,17 @@ class PerSampleClipper:
                 h.remove()
         plans += [(p, _ParamPlan(u, self.strategy, dtype, grams)) for p, u in uses.values()]
         return plans
+
+    def _linear(self, r: _Record, gs: list, ds: list[int], batch: int, proof: _Proof) -> bool:
+        """Whether a Linear call takes :class:`_LinearPlan`: 2-D input and output gradient with
+        the batch in dim 0 (no broadcast input, no folded rows), one dtype, and the only call
+        covering its parameters in this pass (no tied weight, no second call)."""
+        g, x = gs[0], r.saved
+        return (
+            g is not None and g.dim() == 2 and ds[0] == 0 and g.shape[0] == batch
+            and x.dim() == 2 and x.shape[0] == batch and x.dtype == g.dtype
+            and all(proof.calls[id(p)] == 1 for p in self._covered(r))
+        )
 
     def remove(self) -> None:
         """Detach the hooks (the model behaves as before)."""
