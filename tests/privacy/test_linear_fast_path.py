@@ -44,8 +44,8 @@ def losses_of(model, x):
     return (out**2).sum(1) + out.sin().sum(1)
 
 
-def by_loop(model, x, max_norm):
-    params = [p for p in model.parameters() if p.requires_grad]
+def by_loop(model, x, max_norm, params=None):
+    params = [p for p in model.parameters() if p.requires_grad] if params is None else params
     total = [torch.zeros_like(p) for p in params]
     norms = []
     for i in range(len(x)):
@@ -74,6 +74,8 @@ def test_fast_linear_plans_match_the_per_sample_loop(strategy, batch, monkeypatc
         real(self, weight, bias, *rest)
 
     monkeypatch.setattr(clipping._LinearPlan, "__init__", spy)
+    whole = []  # the all-Linear pass (one autograd.grad) must not be taken by this model
+    monkeypatch.setattr(PerSampleClipper, "_linear_plans", lambda *a: whole.append(a))
     clipper = PerSampleClipper(model, max_norm, strategy=strategy)
     model.zero_grad(set_to_none=True)
     clipper.backward(losses_of(model, x[:0]))  # an empty batch writes nothing
@@ -95,6 +97,49 @@ def test_fast_linear_plans_match_the_per_sample_loop(strategy, batch, monkeypatc
     for p, ref in zip(params, expected):
         torch.testing.assert_close(p.grad, 2 * ref, rtol=1e-9, atol=1e-12)
     assert len(taken) == len(wanted)
+    assert not whole
+
+
+class AllLinear(nn.Module):
+    """Only fast Linear calls: the whole pass is one autograd.grad (_linear_plans); one layer's
+    output never reaches the loss."""
+
+    def __init__(self):
+        super().__init__()
+        self.first = nn.Linear(5, 7)
+        self.first.bias.requires_grad_(False)
+        self.no_bias = nn.Linear(7, 3, bias=False)
+        self.frozen_weight = nn.Linear(3, 4)
+        self.frozen_weight.weight.requires_grad_(False)
+        self.unused = nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = self.frozen_weight(torch.tanh(self.no_bias(torch.tanh(self.first(x)))))
+        self.unused(h)  # called, not in the loss
+        return h
+
+
+@pytest.mark.parametrize("batch", [1, 6])
+def test_all_linear_pass_matches_the_per_sample_loop(batch, monkeypatch):
+    torch.manual_seed(batch + 10)
+    model = AllLinear().double()
+    x = torch.randn(batch, 5, dtype=torch.float64)
+    params = [p for n, p in model.named_parameters() if p.requires_grad and "unused" not in n]
+    norms_ref, _ = by_loop(model, x, float("inf"), params)
+    max_norm = norms_ref.median().item() if batch > 1 else norms_ref.item() / 2
+    _, expected = by_loop(model, x, max_norm, params)
+    whole = []
+    real = PerSampleClipper._linear_plans
+    monkeypatch.setattr(PerSampleClipper, "_linear_plans",
+                        lambda *a: whole.append(1) or real(*a))
+    clipper = PerSampleClipper(model, max_norm)
+    for scale in (1.0, 4.0):  # a second physical batch adds in place, loss scale undone
+        norms = clipper.backward(losses_of(model, x), loss_scale=scale)
+        torch.testing.assert_close(norms, norms_ref, rtol=1e-9, atol=1e-12)
+        for p, ref in zip(params, expected):
+            torch.testing.assert_close(p.grad, ref * (1 + (scale > 1)), rtol=1e-9, atol=1e-12)
+    assert model.unused.weight.grad is None and model.unused.bias.grad is None
+    assert len(whole) == 2  # both passes
 
 
 def test_fast_linear_scales_either_factor():

@@ -211,6 +211,17 @@ class _LinearPlan:
                 b.grad += (c @ self.g).to(b.grad.dtype)
 
 
+def _linear_plan(module: nn.Linear, x: Tensor, g: Tensor,
+                 dtype: torch.dtype) -> list[tuple[nn.Parameter, _LinearPlan]]:
+    """The layer's plan, keyed by its weight (its bias when the weight is frozen); none when
+    both are frozen."""
+    weight = module.weight if module.weight.requires_grad else None
+    bias = module.bias if module.bias is not None and module.bias.requires_grad else None
+    if weight is None and bias is None:
+        return []
+    return [(bias if weight is None else weight, _LinearPlan(weight, bias, x, g, dtype))]
+
+
 def _first_tensor(tree: Any) -> Tensor | None:
     args = tree[0]
     if args and isinstance(args[0], Tensor) and args[0].dim() > 0:  # the common case: no tree walk
@@ -738,20 +749,18 @@ class PerSampleClipper:
         got: list[list[Tensor | None] | None] = [[None] * len(r.edges) for r in records]
         waiting = [len(r.edges) for r in records]
 
-        fast = self.strategy != "materialise"
+        linear = [self.strategy != "materialise" and self._linear(r, ds, batch, proof)
+                  for r, ds in zip(records, dims)]
+        if records and all(linear):
+            return self._linear_plans(losses, records, dtype, loss_scale)
 
         def take(k: int) -> None:
             r, ds, gs = records[k], dims[k], got[k]
             got[k] = None
-            if fast and type(r.rule) is LinearRule and self._linear(r, gs, ds, batch, proof):
-                module, x, g = r.module, r.saved, gs[0]
-                r.saved = r.inputs = None
-                weight = module.weight if module.weight.requires_grad else None
-                bias = module.bias if module.bias is not None and module.bias.requires_grad \
-                    else None
-                if weight is not None or bias is not None:
-                    plans.append((bias if weight is None else weight,
-                                  _LinearPlan(weight, bias, x, g, dtype)))
+            if linear[k]:
+                x, r.saved, r.inputs = r.saved, None, None
+                if gs[0] is not None:  # else this call did not reach the loss
+                    plans.extend(_linear_plan(r.module, x, gs[0], dtype))
                 return
             if any(g is not None for g in gs):  # else this call did not reach the loss
                 if not all(g is not None for g in gs):
@@ -807,16 +816,33 @@ class PerSampleClipper:
         plans += [(p, _ParamPlan(u, self.strategy, dtype, grams)) for p, u in uses.values()]
         return plans
 
-    def _linear(self, r: _Record, gs: list, ds: list[int], batch: int, proof: _Proof) -> bool:
-        """Whether a Linear call takes :class:`_LinearPlan`: 2-D input and output gradient with
-        the batch in dim 0 (no broadcast input, no folded rows), one dtype, and the only call
+    def _linear(self, r: _Record, ds: list[int], batch: int, proof: _Proof) -> bool:
+        """Whether a call takes :class:`_LinearPlan`: an ``nn.Linear`` whose input and output
+        (hence output gradient: autograd gives it the output's shape and dtype) are 2-D with the
+        batch in dim 0 (no broadcast input, no folded rows), of one dtype, and the only call
         covering its parameters in this pass (no tied weight, no second call)."""
-        g, x = gs[0], r.saved
+        if type(r.rule) is not LinearRule:
+            return False
+        x, (shape, dtype, _) = r.saved, r.outputs[0]
         return (
-            g is not None and g.dim() == 2 and ds[0] == 0 and g.shape[0] == batch
-            and x.dim() == 2 and x.shape[0] == batch and x.dtype == g.dtype
+            len(shape) == 2 and ds[0] == 0 and shape[0] == batch
+            and x.dim() == 2 and x.shape[0] == batch and x.dtype == dtype
             and all(proof.calls[id(p)] == 1 for p in self._covered(r))
         )
+
+    def _linear_plans(self, losses: Tensor, records: list[_Record], dtype: torch.dtype,
+                      loss_scale: float) -> list[tuple[nn.Parameter, _LinearPlan]]:
+        """:meth:`_plans` for a pass of :class:`_LinearPlan` calls only (an MLP): one
+        ``autograd.grad`` for every output gradient, without a pre-hook per node. Streaming them
+        would hold no less: each plan keeps its input and output gradient until the clip."""
+        grads = torch.autograd.grad(losses, [r.edges[0] for r in records],
+                                    torch.full_like(losses, loss_scale), allow_unused=True)
+        plans: list[tuple[nn.Parameter, _LinearPlan]] = []
+        for r, g in zip(records, grads):
+            x, r.saved, r.inputs = r.saved, None, None
+            if g is not None:  # else this call did not reach the loss
+                plans.extend(_linear_plan(r.module, x, g, dtype))
+        return plans
 
     def remove(self) -> None:
         """Detach the hooks (the model behaves as before)."""
