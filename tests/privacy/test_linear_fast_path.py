@@ -159,3 +159,34 @@ def test_fast_linear_scales_either_factor():
     for p, ref in zip(model32.parameters(), expected):
         assert p.grad.dtype == torch.float32
         torch.testing.assert_close(p.grad.double(), ref, rtol=1e-5, atol=1e-6)
+
+
+class Checkpointed(nn.Module):
+    """Its middle Linear runs under activation checkpointing: backward re-runs that forward,
+    which must not be recorded as a call of the next pass."""
+
+    def __init__(self):
+        super().__init__()
+        self.first, self.mid, self.last = nn.Linear(4, 5), nn.Linear(5, 5), nn.Linear(5, 3)
+
+    def forward(self, x):
+        h = torch.utils.checkpoint.checkpoint(
+            lambda t: torch.tanh(self.mid(t)), torch.tanh(self.first(x)), use_reentrant=False)
+        return self.last(h)
+
+
+def test_all_linear_pass_with_checkpointing_records_no_recomputed_call():
+    torch.manual_seed(7)
+    model = Checkpointed().double()
+    x = torch.randn(5, 4, dtype=torch.float64)
+    norms_ref, _ = by_loop(model, x, float("inf"))
+    max_norm = norms_ref.median().item()
+    _, expected = by_loop(model, x, max_norm)
+    clipper = PerSampleClipper(model, max_norm)
+    for _ in range(3):
+        model.zero_grad(set_to_none=True)
+        norms = clipper.backward(losses_of(model, x))
+        assert not clipper._records  # nothing recorded by the backward's re-run forward
+        torch.testing.assert_close(norms, norms_ref, rtol=1e-9, atol=1e-12)
+        for p, ref in zip(model.parameters(), expected):
+            torch.testing.assert_close(p.grad, ref, rtol=1e-9, atol=1e-12)

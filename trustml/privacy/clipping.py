@@ -637,15 +637,19 @@ class PerSampleClipper:
         batch dim of every recorded output."""
         edges = [e for r in records for e in r.edges]
         parities = []
-        for parity in (0, 1) if batch > 1 and edges else ():
-            keep = torch.arange(batch, device=losses.device) % 2 == parity
-            grads = torch.autograd.grad(losses, edges, keep.to(losses.dtype), retain_graph=True,
-                                        allow_unused=True)
-            parities.append((keep, grads))
-        if batch == 1 and edges:
-            one = torch.ones(1, dtype=torch.bool, device=losses.device)
-            parities.append((one, torch.autograd.grad(
-                losses.sum(), edges, retain_graph=True, allow_unused=True)))
+        self._recording = False  # a checkpointed forward re-run in backward is not a new pass
+        try:
+            for parity in (0, 1) if batch > 1 and edges else ():
+                keep = torch.arange(batch, device=losses.device) % 2 == parity
+                grads = torch.autograd.grad(losses, edges, keep.to(losses.dtype),
+                                            retain_graph=True, allow_unused=True)
+                parities.append((keep, grads))
+            if batch == 1 and edges:
+                one = torch.ones(1, dtype=torch.bool, device=losses.device)
+                parities.append((one, torch.autograd.grad(
+                    losses.sum(), edges, retain_graph=True, allow_unused=True)))
+        finally:
+            self._recording = True
         live, at = [], 0  # calls whose outputs reach this loss (not a forward left without backward)
         for r in records:
             live.append(any(g[i] is not None for _, g in parities
@@ -835,8 +839,12 @@ class PerSampleClipper:
         """:meth:`_plans` for a pass of :class:`_LinearPlan` calls only (an MLP): one
         ``autograd.grad`` for every output gradient, without a pre-hook per node. Streaming them
         would hold no less: each plan keeps its input and output gradient until the clip."""
-        grads = torch.autograd.grad(losses, [r.edges[0] for r in records],
-                                    torch.full_like(losses, loss_scale), allow_unused=True)
+        self._recording = False  # a checkpointed forward re-run in backward is not a new pass
+        try:
+            grads = torch.autograd.grad(losses, [r.edges[0] for r in records],
+                                        torch.full_like(losses, loss_scale), allow_unused=True)
+        finally:
+            self._recording = True
         plans: list[tuple[nn.Parameter, _LinearPlan]] = []
         for r, g in zip(records, grads):
             x, r.saved, r.inputs = r.saved, None, None
