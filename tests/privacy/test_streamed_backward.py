@@ -163,7 +163,7 @@ def test_refusal_mid_backward_writes_no_grad(budget, monkeypatch):
     torch.manual_seed(5)
     model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4))
     clipper = PerSampleClipper(model, 1.0)
-    x, y = torch.randn(B, 4), torch.randn(B, 4)
+    x, y = torch.randn(B, T, 4), torch.randn(B, T, 4)  # rows per sample: rules, not _LinearPlan
     clipper.backward(sq_loss(model, x, y))
     before = [p.grad.clone() for p in model.parameters()]
     rule = clipper._rules[model[0]][1]

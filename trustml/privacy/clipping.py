@@ -166,6 +166,67 @@ class _ParamPlan:
                 f.weighted_sum(c, into=target)
 
 
+class _LinearPlan:
+    """Both parameters of an ``nn.Linear`` called once per pass on 2-D input (an MLP's layers):
+    rank one per sample, G_i = g_i x_i^T for the weight and g_i for the bias, so one output row
+    norm ||g_i||^2 serves both, ||G_i||^2 = ||x_i||^2 ||g_i||^2, and the clipped sums are one
+    matmul and one matrix-vector product. The same values as :class:`_ParamPlan` over
+    :class:`Factored` (whose rank-one inner product this is), without its per-parameter objects:
+    on the Adult MLP those cost more than the arithmetic."""
+
+    __slots__ = ("weight", "bias", "x", "g", "norm2")
+
+    def __init__(self, weight: nn.Parameter | None, bias: nn.Parameter | None, x: Tensor,
+                 g: Tensor, dtype: torch.dtype):
+        self.weight, self.bias, self.x, self.g = weight, bias, x, g
+        gw = g if g.dtype == dtype else g.to(dtype)
+        gg = torch.linalg.vecdot(gw, gw)
+        if weight is None:
+            self.norm2 = gg
+            return
+        xw = x if x.dtype == dtype else x.to(dtype)
+        xx = torch.linalg.vecdot(xw, xw)
+        self.norm2 = xx.mul_(gg) if bias is None else torch.addcmul(gg, xx, gg)
+
+    def write(self, c: Tensor) -> None:
+        """Add each parameter's clipped sum to its ``.grad`` (set it when None)."""
+        g, x = self.g, self.x
+        c = c if c.dtype == g.dtype else c.to(g.dtype)
+        if self.weight is not None:
+            w = self.weight
+            if g.shape[1] <= x.shape[1]:  # scale the smaller factor
+                g, x = g * c.unsqueeze(1), x
+            else:
+                g, x = g, x * c.unsqueeze(1)
+            if w.grad is None:
+                s = g.T @ x
+                w.grad = s if s.dtype == w.dtype else s.to(w.dtype)
+            elif w.grad.dtype == g.dtype and w.grad.is_contiguous():
+                w.grad.addmm_(g.T, x)
+            else:
+                w.grad += (g.T @ x).to(w.grad.dtype)
+        b = self.bias
+        if b is not None:
+            if b.grad is None:
+                s = c @ self.g
+                b.grad = s if s.dtype == b.dtype else s.to(b.dtype)
+            elif b.grad.dtype == self.g.dtype:
+                b.grad.addmv_(self.g.T, c)
+            else:
+                b.grad += (c @ self.g).to(b.grad.dtype)
+
+
+def _linear_plan(module: nn.Linear, x: Tensor, g: Tensor,
+                 dtype: torch.dtype) -> list[tuple[nn.Parameter, _LinearPlan]]:
+    """The layer's plan, keyed by its weight (its bias when the weight is frozen); none when
+    both are frozen."""
+    weight = module.weight if module.weight.requires_grad else None
+    bias = module.bias if module.bias is not None and module.bias.requires_grad else None
+    if weight is None and bias is None:
+        return []
+    return [(bias if weight is None else weight, _LinearPlan(weight, bias, x, g, dtype))]
+
+
 def _first_tensor(tree: Any) -> Tensor | None:
     args = tree[0]
     if args and isinstance(args[0], Tensor) and args[0].dim() > 0:  # the common case: no tree walk
@@ -454,7 +515,9 @@ class PerSampleClipper:
         plans.sort(key=lambda item: item[0].numel(), reverse=True)
         while plans:
             p, plan = plans.pop()
-            if p.grad is None:
+            if type(plan) is _LinearPlan:
+                plan.write(c)
+            elif p.grad is None:
                 g = plan.weighted_sum(c)
                 if g.dtype != p.dtype:
                     g = g.to(p.dtype)
@@ -579,15 +642,19 @@ class PerSampleClipper:
         batch dim of every recorded output."""
         edges = [e for r in records for e in r.edges]
         parities = []
-        for parity in (0, 1) if batch > 1 and edges else ():
-            keep = torch.arange(batch, device=losses.device) % 2 == parity
-            grads = torch.autograd.grad(losses, edges, keep.to(losses.dtype), retain_graph=True,
-                                        allow_unused=True)
-            parities.append((keep, grads))
-        if batch == 1 and edges:
-            one = torch.ones(1, dtype=torch.bool, device=losses.device)
-            parities.append((one, torch.autograd.grad(
-                losses.sum(), edges, retain_graph=True, allow_unused=True)))
+        self._recording = False  # a checkpointed forward re-run in backward is not a new pass
+        try:
+            for parity in (0, 1) if batch > 1 and edges else ():
+                keep = torch.arange(batch, device=losses.device) % 2 == parity
+                grads = torch.autograd.grad(losses, edges, keep.to(losses.dtype),
+                                            retain_graph=True, allow_unused=True)
+                parities.append((keep, grads))
+            if batch == 1 and edges:
+                one = torch.ones(1, dtype=torch.bool, device=losses.device)
+                parities.append((one, torch.autograd.grad(
+                    losses.sum(), edges, retain_graph=True, allow_unused=True)))
+        finally:
+            self._recording = True
         live, at = [], 0  # calls whose outputs reach this loss (not a forward left without backward)
         for r in records:
             live.append(any(g[i] is not None for _, g in parities
@@ -669,7 +736,7 @@ class PerSampleClipper:
         return g is None or not bool(g.movedim(d, 0)[~keep].ne(0).any())
 
     def _plans(self, losses: Tensor, records: list[_Record], batch: int, proof: _Proof,
-               dtype: torch.dtype, loss_scale: float) -> list[tuple[nn.Parameter, _ParamPlan]]:
+               dtype: torch.dtype, loss_scale: float) -> list[tuple[nn.Parameter, _ParamPlan | _LinearPlan]]:
         """Run the backward pass and build every parameter's plan from the recorded calls.
 
         Each recorded call's output gradients are taken the moment autograd has them, by a
@@ -687,14 +754,24 @@ class PerSampleClipper:
         """
         dims, calls = proof.dims, dict(proof.calls)
         uses: dict[int, tuple[nn.Parameter, list[Use | ConvFactors]]] = {}
-        plans: list[tuple[nn.Parameter, _ParamPlan]] = []
+        plans: list[tuple[nn.Parameter, _ParamPlan | _LinearPlan]] = []
         grams = Grams()  # shared Gram matrices (one input read by several layers, ...)
         got: list[list[Tensor | None] | None] = [[None] * len(r.edges) for r in records]
         waiting = [len(r.edges) for r in records]
 
+        linear = [self.strategy != "materialise" and self._linear(r, ds, batch, proof)
+                  for r, ds in zip(records, dims)]
+        if records and all(linear):
+            return self._linear_plans(losses, records, dtype, loss_scale)
+
         def take(k: int) -> None:
             r, ds, gs = records[k], dims[k], got[k]
             got[k] = None
+            if linear[k]:
+                x, r.saved, r.inputs = r.saved, None, None
+                if gs[0] is not None:  # else this call did not reach the loss
+                    plans.extend(_linear_plan(r.module, x, gs[0], dtype))
+                return
             if any(g is not None for g in gs):  # else this call did not reach the loss
                 if not all(g is not None for g in gs):
                     gs = [torch.zeros(s, dtype=d, device=dev) if g is None else g
@@ -761,6 +838,38 @@ class PerSampleClipper:
             for h in handles:
                 h.remove()
         plans += [(p, _ParamPlan(u, self.strategy, dtype, grams)) for p, u in uses.values()]
+        return plans
+
+    def _linear(self, r: _Record, ds: list[int], batch: int, proof: _Proof) -> bool:
+        """Whether a call takes :class:`_LinearPlan`: an ``nn.Linear`` whose input and output
+        (hence output gradient: autograd gives it the output's shape and dtype) are 2-D with the
+        batch in dim 0 (no broadcast input, no folded rows), of one dtype, and the only call
+        covering its parameters in this pass (no tied weight, no second call)."""
+        if type(r.rule) is not LinearRule:
+            return False
+        x, (shape, dtype, _) = r.saved, r.outputs[0]
+        return (
+            len(shape) == 2 and ds[0] == 0 and shape[0] == batch
+            and x.dim() == 2 and x.shape[0] == batch and x.dtype == dtype
+            and all(proof.calls[id(p)] == 1 for p in self._covered(r))
+        )
+
+    def _linear_plans(self, losses: Tensor, records: list[_Record], dtype: torch.dtype,
+                      loss_scale: float) -> list[tuple[nn.Parameter, _LinearPlan]]:
+        """:meth:`_plans` for a pass of :class:`_LinearPlan` calls only (an MLP): one
+        ``autograd.grad`` for every output gradient, without a pre-hook per node. Streaming them
+        would hold no less: each plan keeps its input and output gradient until the clip."""
+        self._recording = False  # a checkpointed forward re-run in backward is not a new pass
+        try:
+            grads = torch.autograd.grad(losses, [r.edges[0] for r in records],
+                                        torch.full_like(losses, loss_scale), allow_unused=True)
+        finally:
+            self._recording = True
+        plans: list[tuple[nn.Parameter, _LinearPlan]] = []
+        for r, g in zip(records, grads):
+            x, r.saved, r.inputs = r.saved, None, None
+            if g is not None:  # else this call did not reach the loss
+                plans.extend(_linear_plan(r.module, x, g, dtype))
         return plans
 
     def remove(self) -> None:
