@@ -31,8 +31,10 @@ from dp_step import ROWS, build  # noqa: E402
 
 import trustml.privacy.accounting as accounting  # noqa: E402
 import trustml.privacy.clipping as clipping  # noqa: E402
+import trustml.privacy.conv as conv  # noqa: E402
 import trustml.privacy.factored as factored  # noqa: E402
 import trustml.privacy.layers as layers  # noqa: E402
+import trustml.privacy.noise as noise  # noqa: E402
 import trustml.privacy.step as dpstep  # noqa: E402
 
 
@@ -83,6 +85,8 @@ class Counters:
 
 
 def plan_kind(plan, uses, strategy, dtype, grams) -> str:
+    if any(isinstance(u, conv.ConvFactors) for u in uses):
+        return "norms: convolution (input and output gradient held)"
     fs = [u for u in uses if isinstance(u, factored.Factored)]
     if len(fs) < len(uses):
         return "norms: dense (biases, LayerNorm)"
@@ -105,8 +109,12 @@ def sum_kind(plan, c) -> str:
 def instrument(counters: Counters) -> None:
     c = counters
     c.patch(clipping.PerSampleClipper, "_walk", "graph walk")
-    grad = torch.autograd.grad
-    clipping.torch.autograd.grad = c.timed("output-gradient backward", grad)  # the probe too
+    grad, backward = torch.autograd.grad, torch.autograd.backward
+    torch.autograd.grad = c.timed("output-gradient backward", grad)  # the probe too
+    # the clipper's streamed backward passes ``inputs``; Tensor.backward (the plain step) does not
+    torch.autograd.backward = c.timed(
+        lambda *args, **kwargs: "output-gradient backward" if kwargs.get("inputs") is not None
+        else "backward (plain)", backward)
     for rule in (layers.LinearRule, layers.Conv1DRule, layers.EmbeddingRule, layers.LayerNormRule):
         rule.uses = c.timed_generator(f"rule: {rule.__name__}", rule.uses)
     c.patch(factored.Factored, "materialise", lambda f: "materialise bmm" + (
@@ -119,7 +127,9 @@ def instrument(counters: Counters) -> None:
     clipping._ParamPlan.__init__ = c.timed(plan_kind, init)
     c.patch(clipping._ParamPlan, "weighted_sum", sum_kind)
     c.patch(clipping._ParamPlan, "add_to", "clipped sums: add_to")
-    c.patch(dpstep, "add_gaussian_", "noise (draw + add + divide)")
+    c.patch(clipping._LinearPlan, "__init__", "norms: 2-D Linear (weight and bias)")
+    c.patch(clipping._LinearPlan, "write", "clipped sums: 2-D Linear")
+    c.patch(noise.GaussianNoise, "add_", "noise (draw + add + divide)")
     c.patch(dpstep.DPStep, "_trainable", "trainable set")
     c.patch(accounting.PrivacyAccountant, "step", "accountant step")
     c.patch(torch.Tensor, "backward", "backward (plain)")

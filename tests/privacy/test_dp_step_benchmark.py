@@ -89,3 +89,17 @@ def test_memory_run_splits_off_the_file_backed_pages(monkeypatch):
     assert set(got) == {"steady", "first", "file"}
     assert got["first"] >= 0 and got["steady"] >= 0
     assert 0 <= got["file"] <= (dp_step.file_backed(cpu) - before) / 2**20
+
+
+def test_breakdown_script_times_every_part_of_the_engine_it_names():
+    """benchmarks/dp_breakdown.py wraps engine functions by name: after a refactor it must still
+    find them (it failed when the noise moved into privacy/noise.py) and list each part it ran."""
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "dp_breakdown.py"),
+                          "--row", "mlp256", "--repeats", "1"],
+                         check=True, capture_output=True, text=True, cwd=ROOT).stdout
+    rows = [line.split(maxsplit=3) for line in out.splitlines()[1:]]  # ms, "ms", faults, part
+    parts = {part: float(ms) for ms, _, _, part in rows}
+    for part in ("noise (draw + add + divide)", "norms: 2-D Linear (weight and bias)",
+                 "clipped sums: 2-D Linear", "output-gradient backward", "backward (plain)",
+                 "graph walk", "forward (trustml)", "optimizer step (plain)"):
+        assert part in parts and parts[part] >= 0, (part, out)  # a part is listed once it ran
