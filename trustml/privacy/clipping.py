@@ -216,13 +216,16 @@ class _LinearPlan:
                 b.grad += (c @ self.g).to(b.grad.dtype)
 
 
-def _linear_plan(module: nn.Linear, x: Tensor, g: Tensor,
+def _linear_plan(r: _Record, g: Tensor | None,
                  dtype: torch.dtype) -> list[tuple[nn.Parameter, _LinearPlan]]:
-    """The layer's plan, keyed by its weight (its bias when the weight is frozen); none when
-    both are frozen."""
+    """A :class:`_LinearPlan` call's plan, keyed by its weight (its bias when the weight is
+    frozen); none when both are frozen or the call did not reach the loss (``g`` None). The
+    record drops its saved input."""
+    x, r.saved, r.inputs = r.saved, None, None
+    module = r.module
     weight = module.weight if module.weight.requires_grad else None
     bias = module.bias if module.bias is not None and module.bias.requires_grad else None
-    if weight is None and bias is None:
+    if g is None or (weight is None and bias is None):
         return []
     return [(bias if weight is None else weight, _LinearPlan(weight, bias, x, g, dtype))]
 
@@ -496,7 +499,7 @@ class PerSampleClipper:
                 self._proven.pop(next(iter(self._proven)))
             self._proven[key] = proof
         dtype = torch.float64 if any(p.dtype == torch.float64 for p in trainable) else torch.float32
-        plans = self._plans(losses, records, batch, proof, dtype, loss_scale)
+        plans = self._plans(losses, records, edges, batch, proof, dtype, loss_scale)
         norm2 = (
             torch.stack([plan.norm2 for _, plan in plans]).sum(0)
             if plans
@@ -735,8 +738,9 @@ class PerSampleClipper:
         """The gradient of the kept samples' losses is zero on the other samples' rows."""
         return g is None or not bool(g.movedim(d, 0)[~keep].ne(0).any())
 
-    def _plans(self, losses: Tensor, records: list[_Record], batch: int, proof: _Proof,
-               dtype: torch.dtype, loss_scale: float) -> list[tuple[nn.Parameter, _ParamPlan | _LinearPlan]]:
+    def _plans(self, losses: Tensor, records: list[_Record], edges: list[GradientEdge], batch: int,
+               proof: _Proof, dtype: torch.dtype, loss_scale: float,
+               ) -> list[tuple[nn.Parameter, _ParamPlan | _LinearPlan]]:
         """Run the backward pass and build every parameter's plan from the recorded calls.
 
         Each recorded call's output gradients are taken the moment autograd has them, by a
@@ -752,25 +756,23 @@ class PerSampleClipper:
         a call reached through only some of its outputs gets zeros for the others. A refusal
         raised in a hook leaves the backward with no ``.grad`` written.
         """
-        dims, calls = proof.dims, dict(proof.calls)
+        dims = proof.dims
+        linear = [self.strategy != "materialise" and self._linear(r, ds, batch, proof)
+                  for r, ds in zip(records, dims)]
+        if records and all(linear):
+            return self._linear_plans(losses, records, edges, dtype, loss_scale)
+        calls = dict(proof.calls)
         uses: dict[int, tuple[nn.Parameter, list[Use | ConvFactors]]] = {}
         plans: list[tuple[nn.Parameter, _ParamPlan | _LinearPlan]] = []
         grams = Grams()  # shared Gram matrices (one input read by several layers, ...)
         got: list[list[Tensor | None] | None] = [[None] * len(r.edges) for r in records]
         waiting = [len(r.edges) for r in records]
 
-        linear = [self.strategy != "materialise" and self._linear(r, ds, batch, proof)
-                  for r, ds in zip(records, dims)]
-        if records and all(linear):
-            return self._linear_plans(losses, records, dtype, loss_scale)
-
         def take(k: int) -> None:
             r, ds, gs = records[k], dims[k], got[k]
             got[k] = None
             if linear[k]:
-                x, r.saved, r.inputs = r.saved, None, None
-                if gs[0] is not None:  # else this call did not reach the loss
-                    plans.extend(_linear_plan(r.module, x, gs[0], dtype))
+                plans.extend(_linear_plan(r, gs[0], dtype))
                 return
             if any(g is not None for g in gs):  # else this call did not reach the loss
                 if not all(g is not None for g in gs):
@@ -795,24 +797,26 @@ class PerSampleClipper:
                     plans.append((p, _ParamPlan(uses.pop(id(p))[1], self.strategy, dtype, grams)))
 
         ready: list[int] = []  # calls with all their output gradients, not taken yet
-        held = [0]  # bytes of output gradients arrived since the last calls were taken
+        held = 0  # bytes of output gradients arrived since the last calls were taken
 
         def take_ready() -> None:
+            nonlocal held
             for k in ready:
                 take(k)
             ready.clear()
-            held[0] = 0
+            held = 0
 
         def hook(targets: list[tuple[int, int, int]], leaf: bool):
             def arrived(grad_outputs: tuple) -> tuple | None:
+                nonlocal held
                 for k, j, nr in targets:
                     g = got[k][j] = grad_outputs[nr]
                     if g is not None:
-                        held[0] += g.nbytes
+                        held += g.nbytes
                     waiting[k] -= 1
                     if not waiting[k]:
                         ready.append(k)
-                if held[0] >= STREAM_BYTES:
+                if held >= STREAM_BYTES:
                     take_ready()
                 # a module returning a leaf tensor as is: its gradient must not reach its .grad
                 return (None,) * len(grad_outputs) if leaf else None
@@ -827,8 +831,7 @@ class PerSampleClipper:
         self._recording = False  # the generic path re-runs modules: do not record those calls
         try:
             if nodes:  # (no inputs at all would mean every leaf's .grad)
-                torch.autograd.backward(losses, torch.full_like(losses, loss_scale),
-                                        inputs=[e for r in records for e in r.edges])
+                torch.autograd.backward(losses, torch.full_like(losses, loss_scale), inputs=edges)
             take_ready()
             for k in range(len(records)):
                 if got[k] is not None:  # some output's node never ran: not reached that way
@@ -854,23 +857,18 @@ class PerSampleClipper:
             and all(proof.calls[id(p)] == 1 for p in self._covered(r))
         )
 
-    def _linear_plans(self, losses: Tensor, records: list[_Record], dtype: torch.dtype,
-                      loss_scale: float) -> list[tuple[nn.Parameter, _LinearPlan]]:
+    def _linear_plans(self, losses: Tensor, records: list[_Record], edges: list[GradientEdge],
+                      dtype: torch.dtype, loss_scale: float) -> list[tuple[nn.Parameter, _LinearPlan]]:
         """:meth:`_plans` for a pass of :class:`_LinearPlan` calls only (an MLP): one
         ``autograd.grad`` for every output gradient, without a pre-hook per node. Streaming them
         would hold no less: each plan keeps its input and output gradient until the clip."""
         self._recording = False  # a checkpointed forward re-run in backward is not a new pass
         try:
-            grads = torch.autograd.grad(losses, [r.edges[0] for r in records],
+            grads = torch.autograd.grad(losses, edges,  # one edge per 2-D Linear call
                                         torch.full_like(losses, loss_scale), allow_unused=True)
         finally:
             self._recording = True
-        plans: list[tuple[nn.Parameter, _LinearPlan]] = []
-        for r, g in zip(records, grads):
-            x, r.saved, r.inputs = r.saved, None, None
-            if g is not None:  # else this call did not reach the loss
-                plans.extend(_linear_plan(r.module, x, g, dtype))
-        return plans
+        return [plan for r, g in zip(records, grads) for plan in _linear_plan(r, g, dtype)]
 
     def remove(self) -> None:
         """Detach the hooks (the model behaves as before)."""
