@@ -99,9 +99,9 @@ def test_depthwise_and_strided_conv1d(strategy):
 class Twice(nn.Module):
     """One convolution applied twice: the per-sample norm needs the cross term of both calls."""
 
-    def __init__(self):
+    def __init__(self, channels: int = 3):
         super().__init__()
-        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x):
         return self.conv(torch.tanh(self.conv(x)))

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from test_conv_rules import assert_exact
+from test_conv_rules import Twice, assert_exact
 from test_conv_rules import loss_fn as conv_loss
 from test_privacy_clipping import STRATEGIES, Gated, naive, sq_loss
 from trustml.privacy import PerSampleClipper
@@ -232,15 +232,6 @@ def test_convolution_held_as_input_and_output_gradient(monkeypatch, case):
         torch.testing.assert_close(p.grad, 2 * g, rtol=1e-12, atol=1e-14)
 
 
-class ConvTwice(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(8, 8, 3, padding=1)
-
-    def forward(self, x):
-        return self.conv(torch.tanh(self.conv(x)))
-
-
 def test_convolution_called_twice_with_held_factors():
     torch.manual_seed(7)
-    assert_exact(ConvTwice(), torch.randn(5, 8, 3, 3))
+    assert_exact(Twice(8), torch.randn(5, 8, 3, 3))  # 8 channels on 3x3 maps: factors held
