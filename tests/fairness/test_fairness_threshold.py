@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from trustml.fairness.metrics import demographic_parity_difference, equal_opportunity_difference
+from trustml.fairness.posterior import cutoff_curve
 from trustml.fairness.threshold import best_threshold, candidates, fold_threshold, threshold_curve
 
 
@@ -31,6 +32,88 @@ def test_curve_equals_the_metrics_at_every_threshold(groups, notion, metric):
         pred = (scores >= thresholds[i]).astype(np.int64)
         assert accuracy[i] == pytest.approx((pred == y).mean())
         assert gap[i] == pytest.approx(metric(y, pred, s))
+
+
+def _tied(groups: int, seed: int, no_positives: bool, n: int = 400):
+    """Scores on a 0.05 grid (many ties); with ``no_positives`` the last group has no y = 1."""
+    rng = np.random.default_rng(seed)
+    s = rng.integers(0, groups, n)
+    y = (rng.random(n) < 0.35).astype(np.int64)
+    if no_positives:
+        y[s == groups - 1] = 0
+    scores = np.clip(np.round((0.25 * y + 0.05 * s + rng.normal(0.4, 0.2, n)) * 20) / 20, 0, 1)
+    return scores, y, s
+
+
+def _brute(scores, y, s, t, notion):
+    """Accuracy and gap of ``scores >= t``, one threshold at a time: the gap is max - min of the
+    selection rate (dp) or true positive rate (eo) over the groups where it is defined, 0 when
+    fewer than two are."""
+    pred = scores >= t
+    rates = []
+    for g in np.unique(s):
+        base = (s == g) & (y == 1) if notion == "eo" else s == g
+        if base.any():
+            rates.append(pred[base].mean())
+    gap = max(rates) - min(rates) if len(rates) > 1 else 0.0
+    return (pred == (y == 1)).mean(), gap
+
+
+@pytest.mark.parametrize("groups", [2, 3, 5])
+@pytest.mark.parametrize("notion", ["dp", "eo"])
+@pytest.mark.parametrize("no_positives", [False, True])
+def test_threshold_curve_equals_brute_force_with_ties(groups, notion, no_positives):
+    scores, y, s = _tied(groups, groups, no_positives)
+    distinct = np.unique(scores)
+    thresholds = np.concatenate([distinct, (distinct[1:] + distinct[:-1]) / 2, [-1.0, 2.0],
+                                 candidates(scores)])  # at, between and beyond the ties
+    accuracy, gap = threshold_curve(scores, y, s, thresholds, notion)
+    for i, t in enumerate(thresholds):
+        want_accuracy, want_gap = _brute(scores, y, s, t, notion)
+        assert accuracy[i] == pytest.approx(want_accuracy, abs=1e-12)
+        assert gap[i] == pytest.approx(want_gap, abs=1e-12)
+
+
+def test_threshold_curve_without_two_groups_with_positives_has_no_gap():
+    """Equal opportunity compares true positive rates: a group without positives has none and is
+    left out (as in trustml.fairness.metrics); with fewer than two such groups the gap is 0."""
+    scores, y, s = _tied(2, 0, no_positives=True)
+    thresholds = np.unique(scores)
+    assert (threshold_curve(scores, y, s, thresholds, "eo")[1] == 0).all()
+    assert (threshold_curve(scores, np.zeros_like(y), s, thresholds, "eo")[1] == 0).all()
+    assert threshold_curve(scores, y, s, thresholds, "dp")[1].max() > 0
+
+
+@pytest.mark.parametrize("groups", [2, 3, 5])
+@pytest.mark.parametrize("no_positives", [False, True])
+def test_cutoff_curve_equals_brute_force_at_every_realisable_threshold(groups, no_positives):
+    scores, y, s = _tied(groups, 10 + groups, no_positives)
+    rows = np.stack([scores, scores[::-1], np.round(scores * 4) / 4])  # three score rows at once
+    accuracy, gap, valid, thresholds = cutoff_curve(rows, y, s)
+    for r, row in enumerate(rows):
+        realisable = {0} | {int((row >= v).sum()) for v in np.unique(row)}
+        assert set(np.flatnonzero(valid[r]).tolist()) == realisable  # the cuts a threshold makes
+        for k in np.flatnonzero(valid[r]):
+            assert (row >= thresholds[r, k]).sum() == k
+            want_accuracy, want_gap = _brute(row, y, s, thresholds[r, k], "dp")
+            assert accuracy[r, k] == pytest.approx(want_accuracy, abs=1e-12)
+            assert gap[r, k] == pytest.approx(want_gap, abs=1e-12)
+
+
+@pytest.mark.parametrize("groups", [2, 3])
+def test_threshold_curve_matches_fairlearn(groups):
+    """Fairlearn counts a group without positives as TPR 0; the curve, like our metrics, leaves it
+    out, so the reference is taken where every group has positives."""
+    fairlearn_metrics = pytest.importorskip("fairlearn.metrics")
+    scores, y, s = _tied(groups, 20 + groups, no_positives=False)
+    thresholds = np.array([0.3, 0.45, 0.5, 0.62, 0.8])
+    for notion, reference in [("dp", fairlearn_metrics.demographic_parity_difference),
+                              ("eo", fairlearn_metrics.equal_opportunity_difference)]:
+        accuracy, gap = threshold_curve(scores, y, s, thresholds, notion)
+        for i, t in enumerate(thresholds):
+            pred = (scores >= t).astype(np.int64)
+            assert accuracy[i] == pytest.approx((pred == y).mean(), abs=1e-12)
+            assert gap[i] == pytest.approx(reference(y, pred, sensitive_features=s), abs=1e-12)
 
 
 def test_best_threshold_is_the_most_accurate_feasible_one():
