@@ -1,5 +1,6 @@
-"""One validation-chosen threshold: its curve equals the metrics, the choice is feasible, folding
-it into the head keeps every decision."""
+"""The accuracy / gap curve over thresholds equals a brute-force loop, our metrics and Fairlearn's
+(ties, several groups, a group without positives); one validation-chosen threshold: the choice is
+feasible, folding it into the head keeps every decision."""
 
 from __future__ import annotations
 
@@ -9,8 +10,13 @@ import torch
 from torch import nn
 
 from trustml.fairness.metrics import demographic_parity_difference, equal_opportunity_difference
-from trustml.fairness.posterior import cutoff_curve
-from trustml.fairness.threshold import best_threshold, candidates, fold_threshold, threshold_curve
+from trustml.fairness.threshold import (
+    best_threshold,
+    candidates,
+    cutoff_curve,
+    fold_threshold,
+    threshold_curve,
+)
 
 
 def _data(groups: int, n: int = 600, seed: int = 0):
@@ -85,19 +91,26 @@ def test_threshold_curve_without_two_groups_with_positives_has_no_gap():
 
 
 @pytest.mark.parametrize("groups", [2, 3, 5])
+@pytest.mark.parametrize("notion, metric", [("dp", demographic_parity_difference),
+                                            ("eo", equal_opportunity_difference)])
 @pytest.mark.parametrize("no_positives", [False, True])
-def test_cutoff_curve_equals_brute_force_at_every_realisable_threshold(groups, no_positives):
+def test_cutoff_curve_equals_brute_force_at_every_realisable_threshold(groups, notion, metric,
+                                                                       no_positives):
     scores, y, s = _tied(groups, 10 + groups, no_positives)
     rows = np.stack([scores, scores[::-1], np.round(scores * 4) / 4])  # three score rows at once
-    accuracy, gap, valid, thresholds = cutoff_curve(rows, y, s)
+    accuracy, gap, valid, thresholds = cutoff_curve(rows, y, s, notion)
     for r, row in enumerate(rows):
         realisable = {0} | {int((row >= v).sum()) for v in np.unique(row)}
         assert set(np.flatnonzero(valid[r]).tolist()) == realisable  # the cuts a threshold makes
         for k in np.flatnonzero(valid[r]):
-            assert (row >= thresholds[r, k]).sum() == k
-            want_accuracy, want_gap = _brute(row, y, s, thresholds[r, k], "dp")
+            pred = row >= thresholds[r, k]
+            assert pred.sum() == k
+            want_accuracy, want_gap = _brute(row, y, s, thresholds[r, k], notion)
             assert accuracy[r, k] == pytest.approx(want_accuracy, abs=1e-12)
             assert gap[r, k] == pytest.approx(want_gap, abs=1e-12)
+            assert gap[r, k] == pytest.approx(metric(y, pred.astype(np.int64), s), abs=1e-12)
+    with pytest.raises(ValueError, match="notion"):
+        cutoff_curve(rows, y, s, "eodds")
 
 
 @pytest.mark.parametrize("groups", [2, 3])

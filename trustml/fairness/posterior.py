@@ -42,9 +42,10 @@ group-specific thresholds using the *true* sex, chosen on the same validation sp
 scores, reach the same accuracy as this rule (within 0.001), so the proxy is not what is missing.
 
 Why not a penalty: this needs no multiplier and no dual ascent; one unconstrained training run
-serves every target, and the selection over (c, t) is exact: :func:`cutoff_curve` reads the
-accuracy and the group selection rates at *every* distinct threshold from one sort and cumulative
-sums, for a whole grid of c at once.
+serves every target, and the selection over (c, t) is exact:
+:func:`trustml.fairness.threshold.cutoff_curve` (shared with the single-threshold selection)
+reads the accuracy and the group selection rates at *every* distinct threshold from one sort and
+cumulative sums, for a whole grid of c at once.
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ from torch import nn
 
 from trustml.fairness.constraint import near_constant_note, test_report
 from trustml.fairness.metrics import demographic_parity_difference
+from trustml.fairness.threshold import cutoff_curve
 from trustml.training.objectives import ObjectiveOutput
 
 GRID = 401  # coefficient values per group, evenly spaced in [-SPAN, SPAN] (relative units)
@@ -76,33 +78,6 @@ class Decision:
     accuracy: float
     gap: float
     selection_rate: float
-
-
-def cutoff_curve(scores: np.ndarray, y: np.ndarray, s: np.ndarray
-                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """For every row of ``scores`` (C, n) and every cut k = 0..n (the top k scores predicted 1):
-    accuracy, demographic parity gap (max - min group selection rate), whether the cut falls
-    between distinct scores (so a threshold can realise it), and that threshold (a midpoint).
-    All (C, n + 1)."""
-    rows, n = scores.shape
-    order = np.argsort(-scores, axis=1, kind="stable")
-    ranked = np.take_along_axis(scores, order, 1)
-    zero = np.zeros((rows, 1))
-    positives = np.concatenate([zero, np.cumsum(y[order], 1)], 1)
-    k = np.arange(n + 1)
-    accuracy = (2 * positives - k + (n - y.sum())) / n  # selected positives + unselected negatives
-    high = low = None
-    for g in np.unique(s):
-        members = s[order] == g
-        rate = np.concatenate([zero, np.cumsum(members, 1)], 1) / members[0].sum()
-        high = rate if high is None else np.maximum(high, rate)
-        low = rate if low is None else np.minimum(low, rate)
-    gap = high - low
-    valid = np.ones((rows, n + 1), dtype=bool)
-    valid[:, 1:n] = ranked[:, :-1] > ranked[:, 1:]
-    thresholds = np.concatenate([ranked[:, :1] + 1.0, (ranked[:, :-1] + ranked[:, 1:]) / 2,
-                                 ranked[:, -1:] - 1.0], 1)
-    return accuracy, gap, valid, thresholds
 
 
 def select_decision(task_logit: np.ndarray, group_logits: np.ndarray, y: np.ndarray,
