@@ -5,6 +5,8 @@ script emits one table row per method with the ratios the issue's targets are ch
 from __future__ import annotations
 
 import argparse
+import mmap
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -86,9 +88,33 @@ def test_memory_run_splits_off_the_file_backed_pages(monkeypatch):
     cpu = torch.device("cpu")
     before = dp_step.file_backed(cpu)
     got = dp_step.memory_growth("tiny_gpt2", "trustml", cpu, "none", 1, explicit_ids=False)
-    assert set(got) == {"steady", "first", "file"}
+    assert set(got) == {"steady", "first", "file", "steady_no_file"}
     assert got["first"] >= 0 and got["steady"] >= 0
     assert 0 <= got["file"] <= (dp_step.file_backed(cpu) - before) / 2**20
+    assert got["steady_no_file"] == pytest.approx(got["steady"] - got["file"])
+
+
+def test_memory_without_file_pages_keeps_the_working_tensors(monkeypatch, tmp_path):
+    """A step that pages in 16 MiB of a file once and keeps it mapped (as library code stays) and
+    writes a 24 MiB tensor every step: the steady total counts both, the figure without
+    file-backed pages the tensor alone -- the split hides no working memory."""
+    data = tmp_path / "library.bin"
+    data.write_bytes(os.urandom(16 << 20))
+    mapped = []
+
+    def step():
+        if not mapped:
+            with open(data, "rb") as f:
+                mapped.append(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
+            sum(mapped[0][i] for i in range(0, len(mapped[0]), mmap.PAGESIZE))  # page it in
+        torch.ones(24 << 18)  # 24 MiB of float32, written
+
+    monkeypatch.setattr(dp_step, "build", lambda *args: step)
+    got = dp_step.memory_growth("cnn", "trustml", torch.device("cpu"), "none", 2, False)
+    mapped[0].close()
+    assert 15.5 <= got["file"] <= 17.0, got
+    assert 23.5 <= got["steady_no_file"] <= 26.0, got
+    assert got["steady"] == pytest.approx(got["file"] + got["steady_no_file"])
 
 
 def test_breakdown_script_times_every_part_of_the_engine_it_names():
