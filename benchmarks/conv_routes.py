@@ -59,7 +59,7 @@ def time_routes(conv: nn.Module, batch: int, shape: tuple, rounds: int) -> str:
     length, width = g[0, 0].numel(), conv.weight[0].numel()
     picked = ("ghost norm" if conv.groups == 1
               and length * (conv.out_channels + width) <= conv.out_channels * width
-              else "im2col+bmm" if width >= rules.UNFOLD_WIDTH * length else "grouped")
+              else "im2col+bmm" if rules.unfolds(conv, length, x.device) else "grouped")
     cells = [f"{k}{'*' if k == picked else ''} {statistics.median(v) * 1e3:.1f}"
              for k, v in times.items()]
     return f"{conv!r:.60} B={batch} L={length} K={width}: " + ", ".join(cells) + " ms"

@@ -169,6 +169,11 @@ def test_gram_path(case, strategy):
     assert_exact(conv, x, strategy)
 
 
+def force_route(monkeypatch, route: str) -> None:
+    """Materialise by im2col + bmm ("unfolded") or the grouped convolution, whatever the shape."""
+    monkeypatch.setattr(conv_rules, "unfolds", lambda *args: route == "unfolded")
+
+
 @pytest.mark.parametrize("samples_per_chunk", [1, 2, 3])
 @pytest.mark.parametrize(
     "build,shape",
@@ -185,7 +190,7 @@ def test_materialised_in_chunks_of_samples(monkeypatch, build, shape, samples_pe
     torch.manual_seed(7)
     conv = build()
     x = torch.randn(shape)
-    monkeypatch.setattr(conv_rules, "UNFOLD_WIDTH", 0 if route == "unfolded" else 10**9)
+    force_route(monkeypatch, route)
     monkeypatch.setattr(conv_rules, "CHUNK_ELEMENTS", conv.weight.numel() * samples_per_chunk)
     columns = conv_rules.columns(conv, x[:1], x.dim() - 2).numel()
     monkeypatch.setattr(conv_rules, "COLUMN_ELEMENTS", columns * samples_per_chunk)
@@ -210,24 +215,32 @@ def test_unfolded_route(monkeypatch, case):
     padding mode of Conv1d/2d/3d (forced here; by default it takes small maps of wide patches)."""
     torch.manual_seed(10)
     cls, args, shape, *kwargs = UNFOLDED_CASES[case]
-    monkeypatch.setattr(conv_rules, "UNFOLD_WIDTH", 0)
+    force_route(monkeypatch, "unfolded")
     assert_exact(nn.Sequential(cls(*args, **(kwargs[0] if kwargs else {})), nn.Tanh()),
                  torch.randn(shape), "materialise")
 
 
 def test_route_choice_follows_the_shape(monkeypatch):
-    """Small maps of wide patches go through im2col + bmm, large maps through the grouped kernel."""
+    """Small maps of wide patches go through im2col + bmm, large maps through the grouped kernel;
+    on CPU, channels per group that oneDNN's direct kernels do not take (not a multiple of
+    DIRECT_BLOCK: an RGB input, 12 output channels) through im2col + bmm whatever the map."""
     calls = []
     for name in ("per_sample_weight_grads", "unfolded_weight_grads"):
         real = getattr(conv_rules, name)
         monkeypatch.setattr(conv_rules, name, lambda *a, _f=real, _n=name: calls.append(_n) or _f(*a))
-    for conv, shape in [(nn.Conv2d(64, 8, 3, padding=1, groups=2), (2, 64, 4, 4)),
-                        (nn.Conv2d(3, 8, 3, padding=1), (2, 3, 16, 16))]:
+    cases = [(nn.Conv2d(64, 16, 3, padding=1, groups=2), (2, 64, 4, 4), "unfolded"),
+             (nn.Conv2d(8, 16, 3, padding=1), (2, 8, 16, 16), "per_sample"),
+             (nn.Conv2d(32, 16, 3, padding=1, groups=2), (2, 32, 16, 16), "per_sample"),
+             (nn.Conv2d(3, 8, 3, padding=1), (2, 3, 16, 16), "unfolded"),
+             (nn.Conv2d(8, 12, 3, padding=1), (2, 8, 16, 16), "unfolded"),
+             (nn.Conv2d(16, 16, 3, padding=1, groups=4), (2, 16, 16, 16), "unfolded")]
+    for conv, shape, _ in cases:
         g = conv(torch.randn(shape))
         for _, use in ConvRule(2).uses(conv, torch.randn(shape), [g.detach()], 2):
             if isinstance(use, ConvFactors):  # held as input and output gradient until the norm
                 use.materialise()
-    assert calls == ["unfolded_weight_grads", "per_sample_weight_grads"]
+    assert [c.split("_")[0] for c in calls] == [route.split("_")[0] for *_, route in cases]
+    assert not conv_rules.unfolds(nn.Conv2d(3, 8, 3), 256, torch.device("meta"))  # CPU only
 
 
 COLLISION_CASES = [  # the batch size equals another dim: channels, length, height, depth, kernel
@@ -271,7 +284,7 @@ def test_channels_last_input(monkeypatch, route):
     """im2col reads the input through its own strides: a channels_last input gives the same
     gradients by every route."""
     torch.manual_seed(11)
-    monkeypatch.setattr(conv_rules, "UNFOLD_WIDTH", 0 if route == "unfolded" else 10**9)
+    force_route(monkeypatch, route)
     conv = nn.Conv2d(16, 6, 3, stride=2, padding=1, groups=1 if route == "ghost" else 2).double()
     x = torch.randn(4, 16, 3, 3, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
     if route == "ghost":

@@ -14,7 +14,8 @@ So the rule needs only the layer's saved input and its output gradient: no secon
   - im2col + bmm (:func:`unfolded_weight_grads`): Y_i P_i^T per sample and group. Best when the
     patch is much wider than the map (K >= 8 L: oneDNN's grouped kernel slows as L shrinks;
     measured 1.1-3x faster, e.g. 64->64 channels on 8x8 maps, 128->128 on 4x4;
-    `benchmarks/conv_routes.py` times the routes per layer);
+    `benchmarks/conv_routes.py` times the routes per layer), and on CPU wherever oneDNN has no
+    direct kernel for the channels per group (:data:`DIRECT_BLOCK`, e.g. an RGB input layer);
   both in chunks of samples (:data:`CHUNK_ELEMENTS`, :data:`COLUMN_ELEMENTS`) written into one
   preallocated result;
 * held (:class:`ConvFactors`): when the layer's input and output gradient are smaller than the
@@ -122,6 +123,27 @@ UNFOLD_WIDTH = 8
 """Materialise by im2col + bmm when a patch (C_in / groups * prod(kernel)) is at least this many
 times the output map's size L; else by the grouped convolution (measured crossover, see above)."""
 
+DIRECT_BLOCK = 8
+"""oneDNN's direct convolution kernels take channels in blocks of this many floats (AVX2's width).
+When a group's input or output channels are not a multiple of it (the benchmark CNN's 3->32 input
+layer), its grouped weight gradient falls back to its gemm-based convolution: im2col and a GEMM,
+the algorithm of :func:`unfolded_weight_grads`, but with GEMM kernels of its own that it
+JIT-compiles (1.4 MiB of anonymous code pages) beside 2.2 MiB more of library code paged in, both
+kept for the life of the process: 4 MiB of the benchmark CNN's 10.6 MiB over the plain step. On
+CPU such layers take im2col + bmm instead: 1.1-1.35x the fallback's time on the 3->32 layer (about
+2 ms, not measurable in the whole step over 31-41 interleaved rounds), faster on 12->24, 1->16 and
+32->10 layers. (With AVX-512 the block may be 16: a multiple of 8 keeps the grouped route.)"""
+
+
+def unfolds(module: nn.Module, length: int, device: torch.device) -> bool:
+    """Whether per-sample weight gradients are materialised by im2col + bmm (else the grouped
+    convolution): a patch wide against the output map of ``length`` positions, or on CPU channels
+    per group that oneDNN's direct kernels do not take (:data:`DIRECT_BLOCK`)."""
+    if module.weight[0].numel() >= UNFOLD_WIDTH * length:
+        return True
+    channels = (module.in_channels // module.groups, module.out_channels // module.groups)
+    return device.type == "cpu" and any(c % DIRECT_BLOCK for c in channels)
+
 
 def unfolded_weight_grads(module: nn.Module, x: Tensor, g: Tensor, spatial: int) -> Tensor:
     """(B, *weight.shape) as Y_i P_i^T per sample and group: im2col (:func:`columns`) + bmm, in
@@ -154,8 +176,7 @@ class ConvFactors:
     def materialise(self, x: Tensor | None = None, g: Tensor | None = None) -> Tensor:
         """(B, *weight.shape) per-sample gradients (of the samples in ``x`` and ``g`` if given)."""
         x, g = (self.x, self.g) if x is None else (x, g)
-        width, length = self.module.weight[0].numel(), g[0, 0].numel()
-        if width >= UNFOLD_WIDTH * length:
+        if unfolds(self.module, g[0, 0].numel(), g.device):
             return unfolded_weight_grads(self.module, x, g, self.spatial)
         return per_sample_weight_grads(self.module, x, g, self.spatial)
 
