@@ -225,9 +225,10 @@ def _linear_plan(r: _Record, g: Tensor | None,
     frozen); none when both are frozen or the call did not reach the loss (``g`` None). The
     record drops its saved input."""
     x, r.saved, r.inputs = r.saved, None, None
-    module = r.module
-    weight = module.weight if module.weight.requires_grad else None
-    bias = module.bias if module.bias is not None and module.bias.requires_grad else None
+    params = r.module._parameters  # what ``module.weight`` reads, without Module.__getattr__
+    weight, bias = params.get("weight"), params.get("bias")
+    weight = weight if weight is not None and weight.requires_grad else None
+    bias = bias if bias is not None and bias.requires_grad else None
     if g is None or (weight is None and bias is None):
         return []
     return [(bias if weight is None else weight, _LinearPlan(weight, bias, x, g, dtype))]
