@@ -20,6 +20,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_leaves
 
+_CPU = torch.default_generator
+
 
 @dataclass
 class Call:
@@ -34,15 +36,16 @@ class Call:
 
 
 def rng_state() -> tuple[Tensor, list[Tensor] | None]:
-    """The CPU and (if initialised) CUDA generator states: a few bytes on the host."""
+    """The CPU and (if initialised) CUDA generator states: a few KiB on the host (the CPU's
+    copied straight from the default generator: ~1 us)."""
     cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
-    return torch.get_rng_state(), cuda
+    return _CPU.get_state(), cuda
 
 
 def autocast_state(device: torch.device | None) -> tuple[str, bool, torch.dtype] | None:
-    if device is None or device.type not in ("cpu", "cuda"):
+    kind = None if device is None else device.type
+    if kind != "cpu" and kind != "cuda":
         return None
-    kind = device.type
     return kind, torch.is_autocast_enabled(kind), torch.get_autocast_dtype(kind)
 
 

@@ -45,7 +45,7 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
-from torch.autograd.graph import GradientEdge, get_gradient_edge
+from torch.autograd.graph import GradientEdge, _engine_run_backward, get_gradient_edge
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils._pytree import tree_flatten, tree_leaves, tree_unflatten
 
@@ -76,7 +76,7 @@ PROOFS_KEPT = 64  # pass signatures whose proof is remembered (the oldest is for
 STREAM_BYTES = 1 << 20
 
 
-@dataclass
+@dataclass(slots=True)
 class _Record:
     module: nn.Module
     rule: Rule
@@ -89,11 +89,14 @@ class _Record:
 @dataclass
 class _Proof:
     """What a proven pass structure fixes (cached per signature, so a steady step re-derives
-    nothing): each recorded output's batch dim, and how many recorded calls cover each parameter
-    (its plan is built when the last of them has its output gradients)."""
+    nothing): each recorded output's batch dim, how many recorded calls cover each parameter
+    (its plan is built when the last of them has its output gradients), and which calls are
+    2-D ``nn.Linear`` calls by their structure (:meth:`PerSampleClipper._linear`; found at the
+    first pass that needs it)."""
 
     dims: list[list[int]]
     calls: dict[int, int]
+    linear: list[bool] | None = None
 
 
 class _ParamPlan:
@@ -222,12 +225,32 @@ def _linear_plan(r: _Record, g: Tensor | None,
     frozen); none when both are frozen or the call did not reach the loss (``g`` None). The
     record drops its saved input."""
     x, r.saved, r.inputs = r.saved, None, None
-    module = r.module
-    weight = module.weight if module.weight.requires_grad else None
-    bias = module.bias if module.bias is not None and module.bias.requires_grad else None
+    params = r.module._parameters  # what ``module.weight`` reads, without Module.__getattr__
+    weight, bias = params.get("weight"), params.get("bias")
+    weight = weight if weight is not None and weight.requires_grad else None
+    bias = bias if bias is not None and bias.requires_grad else None
     if g is None or (weight is None and bias is None):
         return []
     return [(bias if weight is None else weight, _LinearPlan(weight, bias, x, g, dtype))]
+
+
+def _edge(t: Tensor) -> GradientEdge:
+    """``get_gradient_edge(t)`` without its checks where ``t`` comes out of a C++ autograd node
+    (all but custom Functions, whose edge needs an ownership token; and leaves)."""
+    node = t.grad_fn
+    if node is None or isinstance(node, torch._C._FunctionBase):
+        return get_gradient_edge(t)
+    return GradientEdge(node, t.output_nr)
+
+
+def _output_grads(losses: Tensor, edges: list[GradientEdge],
+                  scale: float) -> tuple[Tensor | None, ...]:
+    """``torch.autograd.grad(losses, edges, full_like(losses, scale), allow_unused=True)``
+    through the engine call it makes, without its argument checks and conversions (1-3% of the
+    Adult MLP's step, in-process A/B): the output gradient is made here with the losses' shape,
+    dtype and device, and the edges are gradient edges."""
+    return _engine_run_backward((losses,), (torch.full_like(losses, scale),), False, False,
+                                tuple(edges), True, accumulate_grad=False)
 
 
 def _first_tensor(tree: Any) -> Tensor | None:
@@ -241,11 +264,11 @@ def _input_edges(inputs: tuple) -> list[tuple[object, int]]:
     """Where the gradient of each input of a call (``(args, kwargs)``) that requires grad enters
     the graph: (node, output number), for the graph walk."""
     args, kwargs = inputs
-    leaves = args if not kwargs and all(isinstance(a, Tensor) for a in args) else [
-        x for x in tree_leaves(inputs) if isinstance(x, Tensor)]
-    return [(x.grad_fn, x.output_nr) if x.grad_fn is not None
+    if kwargs or not all([isinstance(a, Tensor) for a in args]):
+        args = [x for x in tree_leaves(inputs) if isinstance(x, Tensor)]
+    return [(node, x.output_nr) if (node := x.grad_fn) is not None
             else tuple(get_gradient_edge(x))[:2]  # a leaf: its AccumulateGrad node
-            for x in leaves if x.requires_grad]
+            for x in args if x.requires_grad]
 
 
 def _described(name: str, module: nn.Module) -> str:
@@ -293,6 +316,8 @@ class PerSampleClipper:
         self._hooked: dict[nn.Module, str] = {}
         self._rules: dict[nn.Module, tuple[tuple, Rule, list[nn.Parameter], set[int]]] = {}
         self._trainable: list[nn.Parameter] = []
+        self._trainable_ids: tuple[int, ...] = ()  # their ids, in order (the signature's part)
+        self._trainable_set: frozenset[int] = frozenset()
         self._proven: dict[tuple, _Proof] = {}  # (signature, graph fingerprint) -> its proof
         self._known: tuple[int, int, tuple] | None = None  # (records, batch, signature) at the
         # end of this forward, computed there for an expanded call: backward reuses it
@@ -327,22 +352,31 @@ class PerSampleClipper:
             self._rule(module)  # module turned generic gets its pre-hook before its next call
         self._layout_key = self._param_key()
         self._trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self._trainable_ids = tuple(id(p) for p in self._trainable)
+        self._trainable_set = frozenset(self._trainable_ids)
 
     def _param_key(self) -> list:
-        """Every parameter under the model and whether it is trainable: changes when one is
-        added, removed, replaced or (un)frozen, or a module holding one is. Checked before every
-        forward, so a plain walk of the modules' own dicts rather than ``model.parameters()``
-        (whose nested generators cost 3x as much on a small model); equality is all that counts."""
-        key, stack, seen = [], [self.model], set()
-        while stack:
-            module = stack.pop()
+        """Every module holding parameters, each of its parameters and whether it is trainable:
+        changes when one is added, removed, replaced, moved or (un)frozen, or a module holding
+        one is (a bool follows each parameter's id, so equal keys are equal maps from modules
+        to their parameters). Checked before every forward, so a plain walk of the modules' own
+        dicts rather than ``model.parameters()`` (whose nested generators cost 3x as much on a
+        small model); equality is all that counts. Modules go by id (a class may define
+        ``__eq__``)."""
+        key: list = []
+        stack, seen = [self.model], set()
+        for module in stack:  # the stack grows while it is read: every module is reached
             if module is None or id(module) in seen:
                 continue
             seen.add(id(module))
-            for p in module._parameters.values():
-                if p is not None:
-                    key += (id(p), p.requires_grad)
-            stack += module._modules.values()
+            if module._parameters:
+                key.append(id(module))
+                for p in module._parameters.values():
+                    if p is not None:
+                        key.append(id(p))
+                        key.append(p.requires_grad)
+            if module._modules:
+                stack += module._modules.values()
         return key
 
     def _name(self, module: nn.Module) -> str:
@@ -382,6 +416,9 @@ class PerSampleClipper:
         first = _first_tensor((args, kwargs))
         if first is not None:
             self._batch = first.shape[0]
+        # the random and autocast state the call starts from, in case a layer output is
+        # expanded and the call must be replayed (broadcast.py): a few microseconds, taken
+        # always, since an expansion is only known once the call is under way
         self._call = Call(args, kwargs, rng_state(),
                           autocast_state(None if first is None else first.device), [])
 
@@ -389,7 +426,7 @@ class PerSampleClipper:
         if self._recording and self._call is not None and self._call.expanded:
             # The output (an LM's logits) is what the proof replays against; held only while
             # this pass's structure is unproven, else it would cost a logits-sized copy per step.
-            signature = self._signature(self._records, self._trainable, self._batch)
+            signature = self._signature(self._records, self._trainable_ids, self._batch)
             self._known = (len(self._records), self._batch, signature)
             if not self._calls_proven(signature):
                 self._call.output = output
@@ -402,13 +439,15 @@ class PerSampleClipper:
         return any(key[0] == signature for key in self._proven)
 
     @staticmethod
-    def _signature(records: list[_Record], trainable: list, batch: int) -> tuple:
+    def _signature(records: list[_Record], trainable_ids: tuple[int, ...], batch: int) -> tuple:
         """What a proof covers: which calls ran under which rule, which of their output dims had
-        the batch size, the trainable set, and whether the batch has more than one sample."""
+        the batch size, the trainable set (by id, in order), and whether the batch has more than
+        one sample."""
+        is_batch = batch.__eq__
         return (
-            tuple((id(r.module), type(r.rule),
-                   tuple(tuple(s == batch for s in o[0]) for o in r.outputs)) for r in records),
-            tuple(id(p) for p in trainable),
+            tuple([(id(r.module), type(r.rule),
+                    tuple([tuple(map(is_batch, o[0])) for o in r.outputs])) for r in records]),
+            trainable_ids,
             batch > 1,
         )
 
@@ -420,10 +459,21 @@ class PerSampleClipper:
         if not self._recording:
             return None
         rule = self._rule(module)
-        if self._open and self._open[-1] is module:
-            self._open.pop()
-        if self._open or not torch.is_grad_enabled():
-            return None  # inside a generic-path call: that call's rule covers this one
+        if self._open:
+            if self._open[-1] is module:
+                self._open.pop()
+            if self._open:
+                return None  # inside a generic-path call: that call's rule covers this one
+        if not torch.is_grad_enabled():
+            return None
+        if isinstance(output, Tensor) and (self._batch <= 1 or output.dim() == 0
+                                           or output.shape[0] != 1):
+            # one tensor that cannot be expanded (every layer of an MLP): no tree, no expansion
+            if output.requires_grad:
+                self._records.append(_Record(
+                    module, rule, rule.save(module, args, kwargs, output), [_edge(output)],
+                    [(output.shape, output.dtype, output.device)], (args, kwargs)))
+            return None
         leaves, spec = ([output], None) if isinstance(output, Tensor) else tree_flatten(output)
         generic = isinstance(rule, GenericRule)
         expand = (  # position-wise fast-rule layers on a batch-1 input (GPT-2's positions), and
@@ -446,10 +496,9 @@ class PerSampleClipper:
             saved = rule.save(module, args, kwargs, output)
             if expand and generic:
                 saved.broadcast = True
-            edges = [get_gradient_edge(o) for o in outs]
             self._records.append(
-                _Record(module, rule, saved, edges, [(o.shape, o.dtype, o.device) for o in outs],
-                        (args, kwargs))
+                _Record(module, rule, saved, [_edge(o) for o in outs],
+                        [(o.shape, o.dtype, o.device) for o in outs], (args, kwargs))
             )
         return output if expand else None
 
@@ -485,11 +534,12 @@ class PerSampleClipper:
                 "per_sample_losses does not require grad "
                 "(computed under no_grad, or no trainable parameters?)"
             )
-        trainable = self._trainable  # as of this forward (see _note_batch)
+        # the trainable set as of this forward (see _note_batch)
+        trainable, ids, id_set = self._trainable, self._trainable_ids, self._trainable_set
         edges = [e for r in records for e in r.edges]
         signature = (known[2] if known is not None and known[:2] == (len(records), batch)
-                     else self._signature(records, trainable, batch))
-        key = (signature, self._walk(losses, records, trainable))
+                     else self._signature(records, ids, batch))
+        key = (signature, self._walk(losses, records, trainable, id_set))
         proof = self._proven.get(key)
         if proof is None:
             if not self._calls_proven(signature):
@@ -501,8 +551,8 @@ class PerSampleClipper:
         dtype = torch.float64 if any(p.dtype == torch.float64 for p in trainable) else torch.float32
         plans = self._plans(losses, records, edges, batch, proof, dtype, loss_scale)
         norm2 = (
-            torch.stack([plan.norm2 for _, plan in plans]).sum(0)
-            if plans
+            torch.stack([plan.norm2 for _, plan in plans]).sum(0) if len(plans) > 1
+            else plans[0][1].norm2 if plans  # (a logistic regression: no stack, no sum)
             else torch.zeros(batch, dtype=dtype, device=losses.device)
         )
         norms = norm2.sqrt()
@@ -510,7 +560,9 @@ class PerSampleClipper:
             norms = norms / loss_scale
         # what ``C / clamped`` computes (Tensor.__rtruediv__), without its Python wrapper (22 us
         # vs 10 on the Adult MLP)
-        c = norms.clamp(min=self.max_grad_norm).reciprocal_().mul_(self.max_grad_norm)
+        c = norms.clamp(min=self.max_grad_norm).reciprocal_()
+        if self.max_grad_norm != 1:  # a product by 1 is the identity: one kernel less
+            c.mul_(self.max_grad_norm)
         if loss_scale != 1:
             c = c / loss_scale
         # Pop each plan: its factors are freed once its sum is taken. Smallest parameter first, so
@@ -614,7 +666,8 @@ class PerSampleClipper:
         finally:
             self._recording = True
 
-    def _walk(self, losses: Tensor, records: list[_Record], trainable: list) -> int:
+    def _walk(self, losses: Tensor, records: list[_Record], trainable: list,
+              ids: frozenset[int]) -> int:
         """Refuse a pass whose graph uses a trainable parameter outside the calls that own it;
         return the graph's fingerprint.
 
@@ -622,11 +675,12 @@ class PerSampleClipper:
         not fix the graph (``loss + (w ** 2).sum()`` or ``h + h.mean(0)`` on some steps only), so
         a proof is reused only for the same calls *and* the same graph fingerprint.
         """
-        boxes = [Box([(e.node, e.output_nr) for e in r.edges], _input_edges(r.inputs),
-                     self._rules[r.module][3]) for r in records]
-        by_id = {id(p): p for p in trainable}
-        stray, fingerprint = stray_uses(losses, boxes, by_id)
+        rules = self._rules
+        boxes = [Box([e[:2] for e in r.edges], _input_edges(r.inputs), rules[r.module][3])
+                 for r in records]
+        stray, fingerprint = stray_uses(losses, boxes, ids)
         if stray:
+            by_id = {id(p): p for p in trainable}
             pid, box = stray[0]
             name = self._param_name(by_id[pid])
             where = ("outside any module call" if box is None
@@ -757,8 +811,13 @@ class PerSampleClipper:
         raised in a hook leaves the backward with no ``.grad`` written.
         """
         dims = proof.dims
-        linear = [self.strategy != "materialise" and self._linear(r, ds, batch, proof)
-                  for r, ds in zip(records, dims)]
+        if self.strategy == "materialise":
+            linear = [False] * len(records)
+        else:
+            if proof.linear is None:
+                proof.linear = [self._linear(r, ds, batch, proof) for r, ds in zip(records, dims)]
+            linear = [ok and (x := r.saved).dim() == 2 and x.shape[0] == batch
+                      and x.dtype == r.outputs[0][1] for ok, r in zip(proof.linear, records)]
         if records and all(linear):
             return self._linear_plans(losses, records, edges, dtype, loss_scale)
         calls = dict(proof.calls)
@@ -844,18 +903,16 @@ class PerSampleClipper:
         return plans
 
     def _linear(self, r: _Record, ds: list[int], batch: int, proof: _Proof) -> bool:
-        """Whether a call takes :class:`_LinearPlan`: an ``nn.Linear`` whose input and output
-        (hence output gradient: autograd gives it the output's shape and dtype) are 2-D with the
-        batch in dim 0 (no broadcast input, no folded rows), of one dtype, and the only call
-        covering its parameters in this pass (no tied weight, no second call)."""
+        """Whether a call may take :class:`_LinearPlan`, by what its proof fixes: an
+        ``nn.Linear`` whose output (hence output gradient: autograd gives it the output's shape
+        and dtype) is 2-D with the batch in dim 0, and the only call covering its parameters in
+        the pass (no tied weight, no second call). :meth:`_plans` adds, per pass, a 2-D input
+        with the batch in dim 0 (no broadcast input, no folded rows) of the output's dtype."""
         if type(r.rule) is not LinearRule:
             return False
-        x, (shape, dtype, _) = r.saved, r.outputs[0]
-        return (
-            len(shape) == 2 and ds[0] == 0 and shape[0] == batch
-            and x.dim() == 2 and x.shape[0] == batch and x.dtype == dtype
-            and all(proof.calls[id(p)] == 1 for p in self._covered(r))
-        )
+        shape = r.outputs[0][0]
+        return (len(shape) == 2 and ds[0] == 0 and shape[0] == batch
+                and all(proof.calls.get(id(p)) == 1 for p in self._covered(r)))
 
     def _linear_plans(self, losses: Tensor, records: list[_Record], edges: list[GradientEdge],
                       dtype: torch.dtype, loss_scale: float) -> list[tuple[nn.Parameter, _LinearPlan]]:
@@ -864,8 +921,7 @@ class PerSampleClipper:
         would hold no less: each plan keeps its input and output gradient until the clip."""
         self._recording = False  # a checkpointed forward re-run in backward is not a new pass
         try:
-            grads = torch.autograd.grad(losses, edges,  # one edge per 2-D Linear call
-                                        torch.full_like(losses, loss_scale), allow_unused=True)
+            grads = _output_grads(losses, edges, loss_scale)  # one edge per 2-D Linear call
         finally:
             self._recording = True
         return [plan for r, g in zip(records, grads) for plan in _linear_plan(r, g, dtype)]
