@@ -111,7 +111,6 @@ def instrument(counters: Counters) -> None:
     c.patch(clipping.PerSampleClipper, "_walk", "graph walk")
     grad, backward = torch.autograd.grad, torch.autograd.backward
     torch.autograd.grad = c.timed("output-gradient backward", grad)  # the probe too
-    c.patch(clipping, "_output_grads", "output-gradient backward")  # the all-Linear pass's
     # the clipper's streamed backward passes ``inputs``; Tensor.backward (the plain step) does not
     torch.autograd.backward = c.timed(
         lambda *args, **kwargs: "output-gradient backward" if kwargs.get("inputs") is not None

@@ -45,7 +45,7 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
-from torch.autograd.graph import GradientEdge, _engine_run_backward, get_gradient_edge
+from torch.autograd.graph import GradientEdge, get_gradient_edge
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils._pytree import tree_flatten, tree_leaves, tree_unflatten
 
@@ -241,16 +241,6 @@ def _edge(t: Tensor) -> GradientEdge:
     if node is None or isinstance(node, torch._C._FunctionBase):
         return get_gradient_edge(t)
     return GradientEdge(node, t.output_nr)
-
-
-def _output_grads(losses: Tensor, edges: list[GradientEdge],
-                  scale: float) -> tuple[Tensor | None, ...]:
-    """``torch.autograd.grad(losses, edges, full_like(losses, scale), allow_unused=True)``
-    through the engine call it makes, without its argument checks and conversions (1-3% of the
-    Adult MLP's step, in-process A/B): the output gradient is made here with the losses' shape,
-    dtype and device, and the edges are gradient edges."""
-    return _engine_run_backward((losses,), (torch.full_like(losses, scale),), False, False,
-                                tuple(edges), True, accumulate_grad=False)
 
 
 def _first_tensor(tree: Any) -> Tensor | None:
@@ -921,7 +911,8 @@ class PerSampleClipper:
         would hold no less: each plan keeps its input and output gradient until the clip."""
         self._recording = False  # a checkpointed forward re-run in backward is not a new pass
         try:
-            grads = _output_grads(losses, edges, loss_scale)  # one edge per 2-D Linear call
+            grads = torch.autograd.grad(losses, edges, torch.full_like(losses, loss_scale),
+                                        allow_unused=True)  # one edge per 2-D Linear call
         finally:
             self._recording = True
         return [plan for r, g in zip(records, grads) for plan in _linear_plan(r, g, dtype)]
