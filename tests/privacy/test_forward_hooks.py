@@ -2,7 +2,7 @@
 parameters between steps is picked up (added, removed, replaced, moved between modules, frozen,
 unfrozen), each step against the per-sample loop in float64; an expanded call under dropout is
 replayed from the random state its forward started from; and the shortcuts taken around torch's
-own functions (gradient edges, the output-gradient call) agree with them."""
+own functions (gradient edges) agree with them."""
 
 from __future__ import annotations
 
