@@ -98,7 +98,10 @@ def plan_kind(plan, uses, strategy, dtype, grams) -> str:
     return f"norms: {shape} {how} (T={f.x.shape[1]})"
 
 
-def sum_kind(plan, c) -> str:
+def sum_kind(plan, c, grad=None) -> str:
+    """What a clipped sum is (``weighted_sum(c)``, or ``add_to(c, grad)`` onto its noise)."""
+    if plan.factors is not None:
+        return "clipped sums: convolution (held factors)"
     if plan.dense is not None:
         return "clipped sums: materialised (c @ G)"
     if any(f.indexed for f in plan.factored):
@@ -126,10 +129,10 @@ def instrument(counters: Counters) -> None:
     init = clipping._ParamPlan.__init__
     clipping._ParamPlan.__init__ = c.timed(plan_kind, init)
     c.patch(clipping._ParamPlan, "weighted_sum", sum_kind)
-    c.patch(clipping._ParamPlan, "add_to", "clipped sums: add_to")
+    c.patch(clipping._ParamPlan, "add_to", sum_kind)
     c.patch(clipping._LinearPlan, "__init__", "norms: 2-D Linear (weight and bias)")
     c.patch(clipping._LinearPlan, "write", "clipped sums: 2-D Linear")
-    c.patch(noise.GaussianNoise, "add_", "noise (draw + add + divide)")
+    c.patch(noise.GaussianNoise, "start", "noise (drawn into .grad)")
     c.patch(dpstep.DPStep, "_trainable", "trainable set")
     c.patch(accounting.PrivacyAccountant, "step", "accountant step")
     c.patch(torch.Tensor, "backward", "backward (plain)")

@@ -136,7 +136,7 @@ def test_breakdown_script_times_every_part_of_the_engine_it_names():
                          check=True, capture_output=True, text=True, cwd=ROOT).stdout
     rows = [line.split(maxsplit=3) for line in out.splitlines()[1:]]  # ms, "ms", faults, part
     parts = {part: float(ms) for ms, _, _, part in rows}
-    for part in ("noise (draw + add + divide)", "norms: 2-D Linear (weight and bias)",
+    for part in ("noise (drawn into .grad)", "norms: 2-D Linear (weight and bias)",
                  "clipped sums: 2-D Linear", "output-gradient backward", "backward (plain)",
                  "graph walk", "forward (trustml)", "optimizer step (plain)"):
         assert part in parts and parts[part] >= 0, (part, out)  # a part is listed once it ran

@@ -46,7 +46,7 @@ REFUSED = {
 @pytest.mark.parametrize("spec", ZOO, ids=[s.name for s in ZOO])
 def test_exact_or_refused(spec: ZooModel, case: str) -> None:
     batch, seq = shapes(spec)[case]
-    verdict = check_trustml(spec, batch, seq)
+    verdict = check_trustml(spec, batch, seq, onto=case == "plain")  # onto DPStep's noise
     allowed = ("exact", "refused") if spec.name in REFUSED else ("exact",)
     assert verdict.kind in allowed, f"{spec.name} (B={batch}, T={seq}): {verdict}"
 

@@ -537,9 +537,12 @@ def reference(
 
 
 def check_trustml(
-    spec: ZooModel, batch_size: int, seq: int, rtol: float = 1e-6, atol: float = 1e-6
+    spec: ZooModel, batch_size: int, seq: int, rtol: float = 1e-6, atol: float = 1e-6,
+    onto: bool = False,
 ) -> Verdict:
-    """Run ``PerSampleClipper`` on a fresh model and judge it against the naive loop."""
+    """Run ``PerSampleClipper`` on a fresh model and judge it against the naive loop; ``onto``:
+    the sums are added onto a ``.grad`` that ``start`` makes (as DPStep's noise), a known random
+    tensor subtracted before judging."""
     from trustml.privacy import PerSampleClipper
 
     model = spec.build()
@@ -550,7 +553,10 @@ def check_trustml(
     clipper = None
     try:
         clipper = PerSampleClipper(model, max_grad_norm=1.0 if ref is None else ref[1])
-        clipper.backward(spec.loss(model, batch))
+        g = torch.Generator().manual_seed(2)
+        base = {id(p): torch.randn(p.shape, dtype=p.dtype, generator=g) for _, p in named}
+        clipper.backward(spec.loss(model, batch),
+                         start=(lambda p: base[id(p)].clone()) if onto else None)
     except Exception as e:  # noqa: BLE001 - any refusal is judged by its message
         message = f"{type(e).__name__}: {e}".splitlines()[0][:300]
         written = [n for n, p in named if p.grad is not None]
@@ -564,4 +570,5 @@ def check_trustml(
         return Verdict(
             "wrong", "samples of a batch are coupled (per-sample gradients undefined): not refused"
         )
-    return compare_grads(named, [p.grad for _, p in named], ref[0], rtol, atol)
+    got = [p.grad - base[id(p)] if onto and p.grad is not None else p.grad for _, p in named]
+    return compare_grads(named, got, ref[0], rtol, atol)

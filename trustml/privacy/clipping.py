@@ -40,6 +40,7 @@ a graph whose structure differs from the proved one's is proved anew.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -502,13 +503,18 @@ class PerSampleClipper:
 
     # ---- backward --------------------------------------------------------------------------
 
-    def backward(self, per_sample_losses: Tensor, *, loss_scale: float = 1.0) -> Tensor:
-        """Add sum_i c_i grad_i to each trainable parameter's ``.grad``; return the (B,) norms.
+    def backward(self, per_sample_losses: Tensor, *, loss_scale: float = 1.0, scale: float = 1.0,
+                 start: Callable[[nn.Parameter], Tensor | None] | None = None) -> Tensor:
+        """Add ``scale`` sum_i c_i grad_i to each trainable parameter's ``.grad``; return the (B,)
+        norms.
 
         Like ``loss.backward()`` this accumulates into ``.grad`` (zero it before a logical batch;
         several physical batches then add up). ``loss_scale`` (fp16) multiplies the backward pass's
-        gradients; norms and the clipped sum are returned unscaled. Raises :class:`Refusal` (a
-        ValueError) when a gradient cannot be made exact, before touching any ``.grad``.
+        gradients; norms and the clipped sum are returned unscaled. ``start(p)``, if given, makes
+        the ``.grad`` of a parameter that has none, right before its sum is added onto it (DPStep:
+        the parameter's noise, see :mod:`trustml.privacy.noise`); when it returns None, or without
+        it, the sum is written as a new ``.grad``. Raises :class:`Refusal` (a ValueError) when a
+        gradient cannot be made exact, before touching any ``.grad``.
         """
         losses = per_sample_losses
         if losses.dim() != 1:
@@ -549,17 +555,22 @@ class PerSampleClipper:
         if loss_scale != 1:
             norms = norms / loss_scale
         # what ``C / clamped`` computes (Tensor.__rtruediv__), without its Python wrapper (22 us
-        # vs 10 on the Adult MLP)
+        # vs 10 on the Adult MLP); the max norm, the loss scale and ``scale`` (DPStep: 1 / the
+        # expected batch size) in one multiplication, not in a pass over the sums; none when their
+        # product is 1 (one kernel less)
         c = norms.clamp(min=self.max_grad_norm).reciprocal_()
-        if self.max_grad_norm != 1:  # a product by 1 is the identity: one kernel less
-            c.mul_(self.max_grad_norm)
-        if loss_scale != 1:
-            c = c / loss_scale
+        factor = self.max_grad_norm * scale / loss_scale
+        if factor != 1:
+            c.mul_(factor)
         # Pop each plan: its factors are freed once its sum is taken. Smallest parameter first, so
         # the largest sums (an embedding's) are allocated last, once most factors are freed.
         plans.sort(key=lambda item: item[0].numel(), reverse=True)
         while plans:
             p, plan = plans.pop()
+            if start is not None:
+                for q in (plan.weight, plan.bias) if type(plan) is _LinearPlan else (p,):
+                    if q is not None and q.grad is None:
+                        q.grad = start(q)
             if type(plan) is _LinearPlan:
                 plan.write(c)
             elif p.grad is None:

@@ -1,36 +1,42 @@
-"""The Gaussian noise of DP-SGD, added in place to the clipped sums in ``.grad``.
+"""The Gaussian noise of DP-SGD, drawn straight into each noised parameter's ``.grad``.
 
-Every coordinate of every noised parameter gets an independent N(0, std^2) draw from ONE generator
-stream, walked in parameter order, exactly as one flat draw over the concatenated parameters would.
-The draw goes chunk by chunk into one small reused buffer and is added to the ``.grad`` slices it
-covers (one ``_foreach_add_`` per chunk): no model-sized temporary. A fresh model-sized tensor each
-step is what the allocator hands back from ``mmap`` (glibc maps blocks above 32 MiB) and the kernel
-page-faults and zeroes again every step; a chunk that fits the L2 cache is reused hot, and the
-``.grad`` slices are read and written once. A model smaller than one chunk gets bit-for-bit the
-single flat draw (``normal_`` of all its coordinates at once).
+The noise is the first content of a parameter's ``.grad`` in a logical batch: the clipper calls
+:meth:`GaussianNoise.start` for a parameter whose ``.grad`` is None right before it accumulates
+the clipped sum there (``addmm_`` / ``index_add_`` / ``addmv_`` onto it), and DPStep calls it for
+every noised parameter still without one after the last physical batch (one the clipper gave no
+gradient). So the noise costs one draw and no pass of its own: no noise buffer added to ``.grad``
+(a read-modify-write of every gradient), no zero fill for an embedding's ``index_add_``, no
+temporary of any size. DPStep sets every ``.grad`` to None before the first physical batch, and a
+later physical batch adds onto the ``.grad`` the first one made: each coordinate gets its noise
+exactly once per logical batch, from ONE generator stream (consecutive draws, never overlapping).
 
-:class:`GaussianNoise` is that draw for one (device, dtype) group of parameters, planned once per
-parameter layout (shapes, dtypes, devices; the caller re-plans when they change): the chunk buffer
-and, when the group fits one chunk, the buffer's slices shaped like the gradients, so a small
-model's step is one ``normal_``, one ``_foreach_add_`` and one ``_foreach_div_`` with no Python
-slicing. The divisor is a 0-dim tensor: ``_foreach_div_`` by a Python float dispatches per tensor
-on the CPU (3-4x slower on the Adult MLP's six gradients), by a tensor it does not.
+The division by the expected batch size B is folded in for free: the noise is drawn with std
+``sigma C / B`` (N(0, sigma^2 C^2) / B is N(0, (sigma C / B)^2)) and the clip factors are scaled
+by 1 / B (``PerSampleClipper.backward(scale=...)``).
+
+A large tensor is drawn whole (``normal_`` fills uniforms, then transforms 16 at a time in place:
+measured as fast as drawing cache-sized chunks, and the generator's ~4.3 ns per number dominates).
+A (device, dtype) group of parameters with at most :func:`small_size` coordinates in all (an MLP)
+is drawn in ONE ``normal_`` into a flat buffer kept across steps, whose views (made once per
+layout) become the ``.grad`` tensors: one call instead of one allocation and one draw per tensor.
+Larger groups get a fresh ``.grad`` per parameter, made when its sum is written, as the clipper
+would make it anyway: holding model-sized gradients across steps would add them to the peak
+memory of the next forward and backward.
 """
 
 from __future__ import annotations
 
-import math
 import secrets
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-CHUNK = {"cpu": 1 << 16}  # elements per draw: 256 KiB of fp32, well inside a core's L2 cache
-GPU_CHUNK = 1 << 20  # on accelerators fewer, larger launches (4 MiB of fp32)
+SMALL = {"cpu": 1 << 16}  # coordinates of a group drawn as one flat buffer: 256 KiB of fp32
+GPU_SMALL = 1 << 20  # on accelerators fewer, larger launches (4 MiB of fp32)
 
 
-def chunk_size(device: torch.device) -> int:
-    return CHUNK.get(device.type, GPU_CHUNK)
+def small_size(device: torch.device) -> int:
+    return SMALL.get(device.type, GPU_SMALL)
 
 
 def secret_generator(device: torch.device) -> torch.Generator:
@@ -40,66 +46,78 @@ def secret_generator(device: torch.device) -> torch.Generator:
     return generator
 
 
+class _Flat:
+    """A small group's persistent buffer and its views, one per parameter (drawn once a step)."""
+
+    __slots__ = ("buffer", "views", "drawn")
+
+    def __init__(self, params: list[nn.Parameter], device: torch.device, dtype: torch.dtype):
+        sizes = [p.numel() for p in params]
+        self.buffer = torch.empty(sum(sizes), device=device, dtype=dtype)
+        self.views = [part.view(p.shape) for part, p in zip(self.buffer.split(sizes), params)]
+        self.drawn = False
+
+
 class GaussianNoise:
-    """The noise of one (device, dtype) group of parameters of the given shapes: one buffer,
-    reused every step; a group that fits one chunk is one draw added through cached views."""
+    """The noise of one parameter layout (the noised parameters, their shapes, dtypes and
+    devices; the caller plans again when it changes): :meth:`begin` a logical batch, then
+    :meth:`start` makes each noised parameter's ``.grad`` once."""
 
-    def __init__(self, shapes: list[torch.Size], device: torch.device, dtype: torch.dtype,
-                 divisor: float = 1.0):
-        sizes = [math.prod(shape) for shape in shapes]
-        total = sum(sizes)
-        chunk = chunk_size(device)
-        self.buffer = torch.empty(min(total, chunk), device=device, dtype=dtype)
-        # the divisor in at least fp32 (a bf16 one would round the batch size)
-        self.divisor = torch.tensor(divisor, device=device,
-                                    dtype=torch.promote_types(dtype, torch.float32))
-        self.sources: list[Tensor] | None = None  # one chunk: the buffer's slice of each grad
-        if total <= chunk:
-            self.sources = [part.view(shape) for part, shape in
-                            zip(self.buffer.split(sizes), shapes, strict=True)]
+    def __init__(self, params: list[nn.Parameter]):
+        groups: dict[tuple[torch.device, torch.dtype], list[nn.Parameter]] = {}
+        for p in params:
+            groups.setdefault((p.device, p.dtype), []).append(p)
+        # id(p) -> (its group's flat buffer, its view's index), or None: drawn on its own
+        self._where: dict[int, tuple[_Flat, int] | None] = {}
+        self._flats: list[_Flat] = []
+        for (device, dtype), members in groups.items():
+            flat = None
+            if sum(p.numel() for p in members) <= small_size(device):
+                flat = _Flat(members, device, dtype)
+                self._flats.append(flat)
+            for k, p in enumerate(members):
+                self._where[id(p)] = None if flat is None else (flat, k)
+        self.std = 0.0
+        self.generator: torch.Generator | None = None
+        self._started: set[int] = set()  # the noised parameters given a .grad this batch
 
-    def add_(self, grads: list[Tensor], std: float, generator: torch.Generator | None) -> None:
-        """``grads = (grads + N(0, std^2)) / divisor`` in place (contiguous ``grads`` when the
-        group spans several chunks; any strides when it fits one)."""
-        if self.sources is None:
-            add_gaussian_(grads, std, generator, self.buffer, self.divisor)
-            return
-        self.buffer.normal_(0.0, std, generator=generator)
-        torch._foreach_add_(grads, self.sources)
-        torch._foreach_div_(grads, self.divisor)
+    def begin(self, std: float, generator: torch.Generator | None) -> None:
+        """A new logical batch: N(0, ``std``^2) per coordinate from ``generator`` (std 0: zeros)."""
+        self.std, self.generator = float(std), generator
+        self._started.clear()
+        for flat in self._flats:
+            flat.drawn = False
 
+    def start(self, p: nn.Parameter) -> Tensor | None:
+        """A new ``.grad`` for ``p`` holding its noise, onto which its clipped sum is to be added;
+        None for a parameter that is not noised (then the sum is written as is) or, with std 0,
+        one in a group drawn on its own (the clipper's sum needs no zero fill)."""
+        where = self._where.get(id(p), False)
+        if where is False:
+            return None
+        self._started.add(id(p))
+        if where is None and not self.std:
+            return None
+        if where is None:
+            grad = torch.empty_like(p, memory_format=torch.contiguous_format)
+            return grad.normal_(0.0, self.std, generator=self.generator)
+        flat, k = where
+        if not flat.drawn:
+            if self.std:
+                flat.buffer.normal_(0.0, self.std, generator=self.generator)
+            else:
+                flat.buffer.zero_()
+            flat.drawn = True
+        return flat.views[k]
 
-def add_gaussian_(
-    grads: list[Tensor],
-    std: float,
-    generator: torch.Generator | None,
-    buffer: Tensor,
-    divisor: float | Tensor = 1.0,
-) -> None:
-    """Add N(0, std^2) to every element of ``grads`` (contiguous, of ``buffer``'s device and
-    dtype) in place, drawing ``len(buffer)`` values at a time from ``generator``; then divide by
-    ``divisor`` while the chunk's slices are still in cache (DP-SGD's division by the batch size)."""
-    targets: list[Tensor] = []
-    sources: list[Tensor] = []
-    used = 0
+    def zeros_or_noise(self, p: nn.Parameter) -> Tensor:
+        """``p``'s ``.grad`` when nothing was written there: its noise alone (or zeros)."""
+        grad = self.start(p)
+        return torch.zeros_like(p, memory_format=torch.contiguous_format) if grad is None else grad
 
-    def flush() -> None:
-        buffer[:used].normal_(0.0, std, generator=generator)
-        torch._foreach_add_(targets, sources)
-        if isinstance(divisor, Tensor) or divisor != 1.0:
-            torch._foreach_div_(targets, divisor)
-        targets.clear()
-        sources.clear()
-
-    for grad in grads:
-        flat, at = grad.view(-1), 0
-        while at < flat.numel():
-            take = min(flat.numel() - at, len(buffer) - used)
-            targets.append(flat[at : at + take])
-            sources.append(buffer[used : used + take])
-            at, used = at + take, used + take
-            if used == len(buffer):
-                flush()
-                used = 0
-    if used:
-        flush()
+    def unnoised(self, params: list[nn.Parameter]) -> list[nn.Parameter]:
+        """The noised ``params`` holding a ``.grad`` that :meth:`start` did not make in this
+        logical batch: a gradient written around the noise (must be none; DPStep refuses)."""
+        return [p for p in params
+                if p.grad is not None and self._where.get(id(p), False) is not False
+                and id(p) not in self._started]

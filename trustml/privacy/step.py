@@ -4,11 +4,11 @@ One logical (Poisson-sampled) batch -> physical batches through the clipper (cli
 -> one Gaussian noise draw N(0, sigma^2 C^2) per coordinate -> division by the EXPECTED batch size
 (dividing by the realised size would leak it) -> optimizer step -> one accountant step.
 
-Per-step bookkeeping stays off the critical path: the noise is added in place to the clipped sums
-in ``.grad``, drawn chunk by chunk into one small reused buffer (:mod:`trustml.privacy.noise`: no
-model-sized temporary for the allocator to map and the kernel to fault in every step), the epsilon
-budget is checked by counting steps against a limit found once, and epsilon is computed only when a
-step is logged (cached per accountant history).
+Per-step bookkeeping stays off the critical path: the noise is drawn straight into each ``.grad``
+before the clipped sums are added onto it, and the division by the expected batch size is folded
+into the noise's std and the clip factors (:mod:`trustml.privacy.noise`: no pass over the
+parameters of its own), the epsilon budget is checked by counting steps against a limit found once,
+and epsilon is computed only when a step is logged (cached per accountant history).
 
 The noised set is re-read from the optimizer at every step (a parameter unfrozen later is clipped
 and noised from that step on; one frozen later is left alone). The first batch is self-checked
@@ -127,7 +127,7 @@ class DPStep:
         self.world = world
         self.verify = verify
         self.verification: Verification | None = None
-        self._noise: tuple[tuple, list[tuple[list[int], GaussianNoise]]] | None = None
+        self._noise: tuple[list, GaussianNoise] | None = None  # (layout, its noise plan)
         self._limit: tuple[tuple, int] | None = None  # (what it depends on, step limit)
 
     def _trainable(self) -> list[torch.nn.Parameter]:
@@ -174,9 +174,19 @@ class DPStep:
         n = batch_size(batch)
         if self.verify and self.verification is None and n:
             self.verification = verify(model, objective, batch, self.clipper)
+        noise = self._noise_plan()
+        # Noise is added exactly once in total: under data parallelism rank 0 adds it to its
+        # clipped sum, then one flat all-reduce sums the ranks, so every rank holds the same
+        # update as a single process on the union batch. It is divided by the expected batch
+        # size, as the clipped sums are (dividing before the all-reduce is the same update).
+        std = self.noise_multiplier * self.clipper.max_grad_norm if self.world.is_main else 0.0
+        generator = self.generator
+        if std > 0 and generator is None:  # secure: a fresh secret seed for this step only
+            generator = secret_generator(device)
+        noise.begin(std / self.expected_batch_size, generator)
         loss_sum, parts = 0.0, []
         for part in split(batch, self.physical_batch_size) if n else []:
-            loss_sum += self._clip(model, objective, part, parts)
+            loss_sum += self._clip(model, objective, part, parts, noise)
         norms = parts[0] if len(parts) == 1 else torch.cat(parts) if parts else torch.zeros(
             0, device=device)
         # norms are >= 0, so their sum is finite iff each is (short of a sum past the dtype's
@@ -184,7 +194,7 @@ class DPStep:
         overflow = bool(n) and not math.isfinite(norms.sum().item())
         if self.world.distributed:
             loss_sum, n, overflow = self._sum_over_ranks(loss_sum, n, overflow)
-        self._noise_and_step(skip=overflow)
+        self._noise_and_step(overflow, noise, model)
         self.accountant.step(
             self.noise_multiplier, self.sample_rate
         )  # a skipped step is still charged
@@ -197,12 +207,17 @@ class DPStep:
             "grad_norm_median": partial(_median, norms),
         }
 
-    def _clip(self, model: nn.Module, objective: Any, part: dict, norms: list) -> float:
-        """Clip one physical batch (split unequally and retried if its batch role is ambiguous)."""
+    def _clip(self, model: nn.Module, objective: Any, part: dict, norms: list,
+              noise: GaussianNoise) -> float:
+        """Clip one physical batch (split unequally and retried if its batch role is ambiguous):
+        its clipped sum divided by the expected batch size is added onto ``.grad``, which a
+        parameter's first clipped sum of the logical batch finds holding its noise."""
         try:
             with autocast(self.params[0].device, self.amp):
                 losses = objective(model, part).losses
-            norms.append(self.clipper.backward(losses.float(), loss_scale=self.loss_scale))
+            norms.append(self.clipper.backward(
+                losses.float(), loss_scale=self.loss_scale, scale=1 / self.expected_batch_size,
+                start=noise.start))
             return losses.detach().float().sum().item()
         except AmbiguousBatch:
             n = batch_size(part)
@@ -210,7 +225,7 @@ class DPStep:
                 raise
             cut = n // 2 + 1  # n = 4 -> 3 + 1, n = 5 -> 3 + 2: both parts differ from n
             return sum(
-                self._clip(model, objective, {k: v[s] for k, v in part.items()}, norms)
+                self._clip(model, objective, {k: v[s] for k, v in part.items()}, norms, noise)
                 for s in (slice(0, cut), slice(cut, n))
             )
 
@@ -220,56 +235,39 @@ class DPStep:
         all_reduce_sum(totals, self.world)
         return totals[0].item(), int(totals[1].item()), bool(totals[2].item())
 
-    def _noise_and_step(self, skip: bool) -> None:
+    def _noise_and_step(self, skip: bool, noise: GaussianNoise, model: nn.Module) -> None:
         if skip:  # fp16 overflow (on any rank): drop this update, halve the loss scale
             self.loss_scale /= 2
             self.optimizer.zero_grad(set_to_none=True)
             return
-        # Noise is added exactly once in total: under data parallelism rank 0 adds it to its
-        # clipped sum, then one flat all-reduce sums the ranks, so every rank holds the same
-        # update as a single process on the union batch.
-        std = self.noise_multiplier * self.clipper.max_grad_norm if self.world.is_main else 0.0
-        generator = self.generator
-        if std > 0 and generator is None:  # secure: a fresh secret seed for this step only
-            generator = secret_generator(self.params[0].device)
-        params = self.params
-        for indices, noise in self._noise_groups():
-            # Every parameter the optimizer can update gets noise, including one the clipper gave
-            # no gradient (it gets noise only), added in place, then divided by the expected batch
-            # size. Dividing before the all-reduce is the same update: the sum is linear.
-            grads = [self._grad_of(params[i]) for i in indices]
-            if std > 0:
-                noise.add_(grads, std, generator)
-            else:
-                torch._foreach_div_(grads, noise.divisor)
-            if self.world.distributed:
+        # Every parameter the optimizer can update is noised, including one the clipper gave no
+        # gradient: its .grad is its noise alone.
+        for p in self.params:
+            if p.grad is None:
+                p.grad = noise.zeros_or_noise(p)
+        unnoised = noise.unnoised(self.params)
+        if unnoised:  # a gradient written around the clipper: never step on it without noise
+            names = {id(p): n for n, p in model.named_parameters()}
+            raise RuntimeError(
+                "DP step refused: the .grad of "
+                + ", ".join(names.get(id(p), f"a {tuple(p.shape)} parameter") for p in unnoised)
+                + " was written outside the clipper during this step (a hook or another backward"
+                " pass?), so it holds no noise; the update was not applied")
+        if self.world.distributed:
+            groups: dict[tuple, list[torch.Tensor]] = {}
+            for p in self.params:
+                groups.setdefault((p.device, p.dtype), []).append(p.grad)
+            for grads in groups.values():
                 _all_reduce_grads(grads, self.world)
         self.optimizer.step()
 
-    @staticmethod
-    def _grad_of(p: nn.Parameter) -> torch.Tensor:
-        """``p.grad`` made contiguous in place (its noise is added through a flat view), or
-        zeros for a parameter without a clipped gradient."""
-        if p.grad is None:
-            p.grad = torch.zeros_like(p, memory_format=torch.contiguous_format)
-        elif not p.grad.is_contiguous():
-            p.grad = p.grad.contiguous()
-        return p.grad
-
-    def _noise_groups(self) -> list[tuple[list[int], GaussianNoise]]:
-        """Indices into ``self.params`` grouped by (device, dtype), each group with its noise
-        plan (one buffer and all-reduce per group). Planned again whenever the layout (every
-        parameter's shape, dtype and device, in order) or the divisor differs from the last
-        step's: a parameter unfrozen, frozen, added or cast since then is planned for."""
-        key = ([(p.shape, p.dtype, p.device) for p in self.params], self.expected_batch_size)
+    def _noise_plan(self) -> GaussianNoise:
+        """The noise plan of ``self.params``, made again whenever the layout (every parameter,
+        its shape, dtype and device, in order) differs from the last step's: a parameter
+        unfrozen, frozen, added or cast since then is planned for."""
+        key = [(id(p), p.shape, p.dtype, p.device) for p in self.params]
         if self._noise is None or self._noise[0] != key:
-            groups: dict[tuple, list[int]] = {}
-            for i, p in enumerate(self.params):
-                groups.setdefault((p.device, p.dtype), []).append(i)
-            self._noise = (key, [
-                (indices, GaussianNoise([self.params[i].shape for i in indices], device, dtype,
-                                        self.expected_batch_size))
-                for (device, dtype), indices in groups.items()])
+            self._noise = (key, GaussianNoise(self.params))
         return self._noise[1]
 
     def state_dict(self) -> dict[str, Any]:
