@@ -7,7 +7,8 @@ output-gradient backward, the per-layer rules, each parameter's norm by kind (ma
 ghost: its Gram matrices and inner products, dense small parameters), the clipped sums (matmuls,
 the embedding's ``index_add``), the noise, the optimizer and the accountant; "rest" is what no
 counter covers (Python between the parts). Beside each part, its minor page faults per step
-(``getrusage``): a part that maps fresh memory pays the kernel's zeroing of every page.
+(``getrusage``): a part that maps fresh memory pays the kernel's zeroing of every page. The last
+line is the floor (``FLOOR``): the share of the plain step that those parts alone take.
 
     python benchmarks/dp_breakdown.py --row bert --repeats 5
 """
@@ -36,6 +37,13 @@ import trustml.privacy.factored as factored  # noqa: E402
 import trustml.privacy.layers as layers  # noqa: E402
 import trustml.privacy.noise as noise  # noqa: E402
 import trustml.privacy.step as dpstep  # noqa: E402
+
+
+# Work an exact DP step cannot skip without holding more memory: one Gaussian number per trainable
+# coordinate (torch's generator is the cheapest in-library sampler, ~4-7 ns a number here), and
+# the Gram matrices of the layers clipped from them (the alternative, materialising their
+# per-sample gradients, holds B x their size until the clip factors are known).
+FLOOR = ("noise (drawn into .grad)", "Gram bmm")
 
 
 def minor_faults() -> int:
@@ -204,6 +212,9 @@ def main() -> None:
     for k in sorted(median, key=lambda k: -median[k]):
         faults = statistics.median(fault_counts[k]) if fault_counts[k] else 0
         print(f"  {median[k]:8.1f} ms {faults:8.0f}  {k}")
+    floor = sum(median.get(k, 0.0) for k in FLOOR)
+    print(f"floor: {' + '.join(FLOOR)} = {floor:.1f} ms, {floor / plain_ms:.1%} of the plain "
+          f"step: this engine's ratio at this memory cannot go below {1 + floor / plain_ms:.3f}x")
 
 
 if __name__ == "__main__":
