@@ -143,3 +143,17 @@ def test_breakdown_script_times_every_part_of_the_engine_it_names():
         assert part in parts and parts[part] >= 0, (part, out)  # a part is listed once it ran
     floor_ms = sum(parts.get(part, 0.0) for part in ("noise (drawn into .grad)", "Gram bmm"))
     assert floor.startswith(f"floor: noise (drawn into .grad) + Gram bmm = {floor_ms:.1f} ms"), out
+
+
+def test_no_memory_ratio_to_a_base_near_zero():
+    """The Adult MLP's step without file pages grows the heap by about 0 MiB (or shrinks it): a
+    ratio to that is noise, so none is given; a real base gives the plain quotient."""
+    def run(**memory):
+        return {"memory": memory}
+
+    base = run(steady=11.2, steady_no_file=-0.1)
+    ours = run(steady=12.0, steady_no_file=0.7)
+    assert dp_step.memory_ratio(ours, base, "steady_no_file") is None
+    assert dp_step.memory_ratio(ours, base) == pytest.approx(12.0 / 11.2)
+    assert dp_step.memory_ratio(ours, None) is None
+    assert dp_step.memory_ratio(run(steady=None), base) is None
