@@ -134,15 +134,18 @@ def test_breakdown_script_times_every_part_of_the_engine_it_names():
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "dp_breakdown.py"),
                           "--row", "mlp256", "--repeats", "1"],
                          check=True, capture_output=True, text=True, cwd=ROOT).stdout
-    *table, floor = out.splitlines()[1:]
+    *table, dp_only = out.splitlines()[1:]
     rows = [line.split(maxsplit=3) for line in table]  # ms, "ms", faults, part
     parts = {part: float(ms) for ms, _, _, part in rows}
     for part in ("noise (drawn into .grad)", "norms: 2-D Linear (weight and bias)",
                  "clipped sums: 2-D Linear", "output-gradient backward", "backward (plain)",
                  "graph walk", "forward (trustml)", "optimizer step (plain)"):
         assert part in parts and parts[part] >= 0, (part, out)  # a part is listed once it ran
-    floor_ms = sum(parts.get(part, 0.0) for part in ("noise (drawn into .grad)", "Gram bmm"))
-    assert floor.startswith(f"floor: noise (drawn into .grad) + Gram bmm = {floor_ms:.1f} ms"), out
+    dp_only_ms = parts["noise draw alone (timed apart)"] + parts.get("Gram bmm", 0.0)
+    noised = (100 * 64 + 64) + (64 * 32 + 32) + (32 * 2 + 2)  # the MLP 100-64-32-2's parameters
+    assert dp_only.startswith(f"DP-only work: noise draw alone (timed apart) + Gram bmm ({noised} "
+                            "numbers) = "), out
+    assert float(dp_only.split(" = ")[1].split(" ms")[0]) == pytest.approx(dp_only_ms, abs=0.11), out
 
 
 def test_no_memory_ratio_to_a_base_near_zero():
