@@ -40,7 +40,8 @@ a graph whose structure differs from the proved one's is proved anew.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -646,8 +647,7 @@ class PerSampleClipper:
 
     def _prove_expansions(self, calls: list[Call], batch: int) -> None:
         """Refuse if expanding a batch-1 output changed the model's forward (broadcast.py)."""
-        self._recording = False
-        try:
+        with self._not_recording():  # the replays run the model
             for call in calls:
                 if call.output is None:  # released: its forward alone matched a proven pass
                     raise Refusal(
@@ -664,8 +664,6 @@ class PerSampleClipper:
                         "(a sequence-first layer on one token?); per-sample gradients of a call "
                         "shared this way are not provable: freeze its parameters or compute it "
                         "per sample")
-        finally:
-            self._recording = True
 
     def _walk(self, losses: Tensor, records: list[_Record], trainable: list,
               ids: frozenset[int]) -> int:
@@ -700,8 +698,7 @@ class PerSampleClipper:
         batch dim of every recorded output."""
         edges = [e for r in records for e in r.edges]
         parities = []
-        self._recording = False  # a checkpointed forward re-run in backward is not a new pass
-        try:
+        with self._not_recording():  # a checkpointed forward re-run in backward
             for parity in (0, 1) if batch > 1 and edges else ():
                 keep = torch.arange(batch, device=losses.device) % 2 == parity
                 grads = torch.autograd.grad(losses, edges, keep.to(losses.dtype),
@@ -711,26 +708,22 @@ class PerSampleClipper:
                 one = torch.ones(1, dtype=torch.bool, device=losses.device)
                 parities.append((one, torch.autograd.grad(
                     losses.sum(), edges, retain_graph=True, allow_unused=True)))
-        finally:
-            self._recording = True
         live, at = [], 0  # calls whose outputs reach this loss (not a forward left without backward)
         for r in records:
             live.append(any(g[i] is not None for _, g in parities
                             for i in range(at, at + len(r.edges))))
             at += len(r.edges)
-        self._recording = False
         try:
-            for r, alive in zip(records, live):
-                why = r.rule.check(r.module, r.saved, batch) if alive and isinstance(
-                    r.rule, GenericRule) else None
-                if why:
-                    raise self._refuse(r, why, batch)
+            with self._not_recording():  # a generic rule's check re-runs its module
+                for r, alive in zip(records, live):
+                    why = r.rule.check(r.module, r.saved, batch) if alive and isinstance(
+                        r.rule, GenericRule) else None
+                    if why:
+                        raise self._refuse(r, why, batch)
         except Refusal as err:
             if err.args[0].startswith("module "):
                 raise
             raise self._refuse(r, str(err), batch) from None
-        finally:
-            self._recording = True
         dims, at = [], 0
         for r, alive in zip(records, live):
             if not alive:
@@ -888,16 +881,16 @@ class PerSampleClipper:
                 nodes.setdefault(e.node, []).append((k, j, e.output_nr))
         handles = [node.register_prehook(hook(targets, hasattr(node, "variable")))
                    for node, targets in nodes.items()]
-        self._recording = False  # the generic path re-runs modules: do not record those calls
         try:
-            if nodes:  # (no inputs at all would mean every leaf's .grad)
-                torch.autograd.backward(losses, torch.full_like(losses, loss_scale), inputs=edges)
-            take_ready()
-            for k in range(len(records)):
-                if got[k] is not None:  # some output's node never ran: not reached that way
-                    take(k)
+            with self._not_recording():  # the generic path re-runs modules
+                if nodes:  # (no inputs at all would mean every leaf's .grad)
+                    torch.autograd.backward(losses, torch.full_like(losses, loss_scale),
+                                            inputs=edges)
+                take_ready()
+                for k in range(len(records)):
+                    if got[k] is not None:  # some output's node never ran: not reached that way
+                        take(k)
         finally:
-            self._recording = True
             for h in handles:
                 h.remove()
         plans += [(p, _ParamPlan(u, self.strategy, dtype, grams)) for p, u in uses.values()]
@@ -920,13 +913,20 @@ class PerSampleClipper:
         """:meth:`_plans` for a pass of :class:`_LinearPlan` calls only (an MLP): one
         ``autograd.grad`` for every output gradient, without a pre-hook per node. Streaming them
         would hold no less: each plan keeps its input and output gradient until the clip."""
-        self._recording = False  # a checkpointed forward re-run in backward is not a new pass
-        try:
+        with self._not_recording():  # a checkpointed forward re-run in backward
             grads = torch.autograd.grad(losses, edges, torch.full_like(losses, loss_scale),
                                         allow_unused=True)  # one edge per 2-D Linear call
+        return [plan for r, g in zip(records, grads) for plan in _linear_plan(r, g, dtype)]
+
+    @contextmanager
+    def _not_recording(self) -> Iterator[None]:
+        """Module calls made meanwhile are the clipper's own (a replay, a rule's check re-running
+        its module, a checkpointed forward re-run in backward), not a new pass to record."""
+        self._recording = False
+        try:
+            yield
         finally:
             self._recording = True
-        return [plan for r, g in zip(records, grads) for plan in _linear_plan(r, g, dtype)]
 
     def remove(self) -> None:
         """Detach the hooks (the model behaves as before)."""
