@@ -67,6 +67,7 @@ class GaussianNoise:
         groups: dict[tuple[torch.device, torch.dtype], list[nn.Parameter]] = {}
         for p in params:
             groups.setdefault((p.device, p.dtype), []).append(p)
+        self.groups = list(groups.values())  # by (device, dtype), in order: DPStep all-reduces each
         # id(p) -> (its group's flat buffer, its view's index), or None: drawn on its own
         self._where: dict[int, tuple[_Flat, int] | None] = {}
         self._flats: list[_Flat] = []

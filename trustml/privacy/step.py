@@ -254,11 +254,8 @@ class DPStep:
                 + " was written outside the clipper during this step (a hook or another backward"
                 " pass?), so it holds no noise; the update was not applied")
         if self.world.distributed:
-            groups: dict[tuple, list[torch.Tensor]] = {}
-            for p in self.params:
-                groups.setdefault((p.device, p.dtype), []).append(p.grad)
-            for grads in groups.values():
-                _all_reduce_grads(grads, self.world)
+            for params in noise.groups:  # one flat bucket per (device, dtype)
+                _all_reduce_grads([p.grad for p in params], self.world)
         self.optimizer.step()
 
     def _noise_plan(self) -> GaussianNoise:
