@@ -310,6 +310,25 @@ class Folded(nn.Module):
         return rows.reshape(x.shape)
 
 
+class Rolled(nn.Module):
+    """Sample i mixed with sample i - 2 between two layers: a partner of the same parity (an
+    even/odd probe alone misses it at B = 4); at B <= 2 the roll is the identity."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(D, D), nn.Linear(D, D)
+
+    def forward(self, x):
+        h = self.a(x)
+        return self.b(h + 0.5 * torch.roll(h, 2, 0))
+
+
+def two_view_loss(m, xs):
+    """SimSiam-style: each sample's loss also reads its partner view's output, i + B/2 (mod B)."""
+    z = m(*xs)
+    return sq(z) + (z * torch.roll(z, z.shape[0] // 2, 0)).sum(1)
+
+
 class MaskedMix(nn.Module):
     """A generic-path block taking a (T, T) mask (shared by all samples) or a (B, T, T) one."""
 
@@ -466,6 +485,10 @@ CASES = [
     Case("folded-rows", Folded, randn("B", T, D), squared_loss),
     Case("per-sample-BxTxT-mask", lambda: MaskedModel(True), randn("B", T, D), squared_loss),
     Case("broadcast-position-ids", lambda: TwoEmbeddings(), ids(11), squared_loss),
+    Case("same-parity-mix", Rolled, randn("B", D), squared_loss, names=("a (Linear)",),
+         exact_when=lambda b: b <= 2),
+    Case("two-view-loss", lambda: nn.Sequential(nn.Linear(D, D), nn.Tanh(), nn.Linear(D, D)),
+         randn("B", D), two_view_loss, names=("(Linear)",), exact_when=lambda b: b == 1),
     Case("shared-bias-call", WithSharedBias, randn("B", T, T), squared_loss, expect="refused",
          names=("bias", "SharedBias"), exact_when=lambda b: b == 1),
 ]
@@ -490,6 +513,17 @@ def test_exact_or_refused(case: Case, batch: int) -> None:
         expect = "exact" if case.exact_when(batch) else "refused"
     verdict, why = judge(case, batch)
     assert verdict == expect, why
+
+
+def test_proof_at_one_batch_size_not_reused_at_another():
+    """``h + h.roll(2, 0)`` is exact at B = 2 (the roll is the identity) and mixes samples of the
+    same parity at B = 4 in the same graph: the proof made at B = 2 must not serve B = 4."""
+    torch.manual_seed(0)
+    model = Rolled().double()
+    clipper = PerSampleClipper(model, 1.0)
+    clipper.backward(sq(model(torch.randn(2, D, dtype=torch.float64))))
+    with pytest.raises(Refusal, match=r"module a \(Linear\).*samples mixed"):
+        clipper.backward(sq(model(torch.randn(4, D, dtype=torch.float64))))
 
 
 def test_rules_by_exact_class():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -10,6 +12,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from transformers.pytorch_utils import Conv1D
 
 from trustml.privacy import PerSampleClipper
+from trustml.privacy.clipping import _probe_groups
 from trustml.privacy.factored import Factored, Grams
 
 STRATEGIES = ["auto", "ghost", "materialise"]
@@ -360,6 +363,23 @@ def test_cached_proof_not_reused_for_a_changed_graph():
     model.penalty, model.mix = False, True
     with pytest.raises(ValueError, match=r"module a \(Linear\).*samples mixed"):
         clipper.backward(sq_loss(model, x, y))
+
+
+@pytest.mark.parametrize("batch", range(1, 34))
+def test_probes_separate_every_ordered_pair_of_samples(batch):
+    """For every samples i != j, some probe keeps i's loss and not j's rows: a loss of i reaching
+    j's rows shows there. The least n probes with C(n, n // 2) >= B (one for B = 1), weights in
+    [1, 2) on the kept losses."""
+    probes = _probe_groups(batch, torch.zeros(batch, dtype=torch.float64))
+    n = len(probes)
+    assert n == 1 if batch == 1 else math.comb(n, n // 2) >= batch > math.comb(n - 1, (n - 1) // 2)
+    keep = torch.ones(n, batch, dtype=torch.bool)
+    for k, (others, weights) in enumerate(probes):
+        keep[k, others] = False
+        assert bool((weights[keep[k]] >= 1).all() and (weights[keep[k]] < 2).all())
+        assert bool((weights[others] == 0).all())
+    separated = (keep.unsqueeze(2) & ~keep.unsqueeze(1)).any(0)  # [i, j]: i kept, j not
+    assert bool((separated | torch.eye(batch, dtype=torch.bool)).all())
 
 
 def test_batchnorm_refused():

@@ -27,9 +27,10 @@ gradient stays per-sample (:mod:`trustml.privacy.broadcast` proves the forward u
 position-wise layers on rows folded sample-major into dim 0, (B*T, d), read them as (B, T, d).
 
 Nothing is assumed silently. Each new *signature* of a pass (which layers ran, the trainable set,
-where the batch size occurs in their shapes) is proved once, before its gradients are used, by a
-probe (:meth:`PerSampleClipper._probe`): each recorded output's rows reach only their own
-sample's loss (two backward passes over the even and the odd samples); every generic-path call
+the batch size and where it occurs in their shapes) is proved once, before its gradients are used,
+by a probe (:meth:`PerSampleClipper._probe`): each recorded output's rows reach only their own
+sample's loss (about log2 B backward passes, each over a part of the batch, such that any two
+samples are told apart: :func:`_probe_groups`); every generic-path call
 replays exactly per sample. A failure is a :class:`Refusal` naming the module, its class and why
 (an :class:`AmbiguousBatch` when the batch size collides with another dimension: another batch
 size may pass, and DPStep retries with one). Every pass, proved before or not, walks its autograd
@@ -39,6 +40,8 @@ a graph whose structure differs from the proved one's is proved anew.
 
 from __future__ import annotations
 
+import itertools
+import math
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -70,7 +73,10 @@ from trustml.privacy.layers import (
 
 Strategy = Literal["auto", "ghost", "materialise"]
 FOLDABLE = (LinearRule, Conv1DRule, EmbeddingRule, LayerNormRule)  # position-wise fast rules
-PROOFS_KEPT = 64  # pass signatures whose proof is remembered (the oldest is forgotten first)
+# Proofs remembered, the least recently used forgotten first. A proof holds for one batch size
+# (see _signature), and Poisson-sampled batches take a few hundred sizes in a long run (their
+# spread is about 4 sqrt(B) either side of the expected B; physical batches add their remainders).
+PROOFS_KEPT = 512
 # Output gradients that may arrive before the calls holding them are taken (see _plans): taking a
 # call inside autograd's callback costs tens of microseconds more than after the backward, which
 # is 5-8% of the Adult MLP's clipper (~100 KB of output gradients in all); a transformer's or a
@@ -245,6 +251,32 @@ def _edge(t: Tensor) -> GradientEdge:
     return GradientEdge(node, t.output_nr)
 
 
+def _probe_groups(batch: int, losses: Tensor) -> list[tuple[Tensor, Tensor]]:
+    """The probes proving that each recorded output row reaches only its own sample's loss: (the
+    indices of the samples NOT kept, the weights of the losses differentiated).
+
+    Every sample gets its own set of n // 2 of the n probes (a distinct code word of weight
+    n // 2, so none contains another's): for samples i != j some probe keeps i and not j, and
+    i's loss reaching j's rows shows there as a nonzero gradient on a row not kept. n is the
+    least with C(n, n // 2) >= B: 13 backward passes for B = 1024, once per pass signature. An
+    even/odd split alone (two probes) missed a sample mixed with a partner of the same parity:
+    i and i + B/2 of a two-view batch, ``h + h.roll(2, 0)``. The kept losses are weighted in
+    [1, 2) (a fixed seed: the weights touch no update), so that two mixed losses cannot cancel
+    on a row by symmetry. One sample: one pass, showing which outputs reach the loss at all.
+    """
+    if batch == 1:
+        return [(torch.zeros(0, dtype=torch.long, device=losses.device), torch.ones_like(losses))]
+    n = 2
+    while math.comb(n, n // 2) < batch:
+        n += 1
+    chosen = torch.tensor(list(itertools.islice(itertools.combinations(range(n), n // 2), batch)))
+    words = torch.zeros(batch, n, dtype=torch.bool).scatter_(1, chosen, True)  # (B, n)
+    weights = torch.rand(batch, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    weights = (1 + weights).to(losses.dtype)
+    return [((~keep).nonzero().squeeze(1).to(losses.device), (weights * keep).to(losses.device))
+            for keep in words.T]
+
+
 def _first_tensor(tree: Any) -> Tensor | None:
     args = tree[0]
     if args and isinstance(args[0], Tensor) and args[0].dim() > 0:  # the common case: no tree walk
@@ -311,6 +343,7 @@ class PerSampleClipper:
         self._trainable_ids: tuple[int, ...] = ()  # their ids, in order (the signature's part)
         self._trainable_set: frozenset[int] = frozenset()
         self._proven: dict[tuple, _Proof] = {}  # (signature, graph fingerprint) -> its proof
+        self._signatures: Counter[tuple] = Counter()  # signature -> its proofs in _proven
         self._known: tuple[int, int, tuple] | None = None  # (records, batch, signature) at the
         # end of this forward, computed there for an expanded call: backward reuses it
         self._handles = [model.register_forward_pre_hook(self._note_batch, with_kwargs=True),
@@ -428,19 +461,20 @@ class PerSampleClipper:
     def _calls_proven(self, signature: tuple) -> bool:
         """Whether a pass of these calls was proved (its expansions then hold, whatever the graph
         between the calls)."""
-        return any(key[0] == signature for key in self._proven)
+        return signature in self._signatures
 
     @staticmethod
     def _signature(records: list[_Record], trainable_ids: tuple[int, ...], batch: int) -> tuple:
         """What a proof covers: which calls ran under which rule, which of their output dims had
-        the batch size, the trainable set (by id, in order), and whether the batch has more than
-        one sample."""
+        the batch size, the trainable set (by id, in order), and the batch size. A proof made at
+        one batch size says nothing of another: ``h + h.roll(2, 0)`` mixes no samples at B = 2,
+        and mixes them at B = 4 in the same graph."""
         is_batch = batch.__eq__
         return (
             tuple([(id(r.module), type(r.rule),
                     tuple([tuple(map(is_batch, o[0])) for o in r.outputs])) for r in records]),
             trainable_ids,
-            batch > 1,
+            batch,
         )
 
     def _enter(self, module: nn.Module, args: tuple) -> None:
@@ -537,14 +571,21 @@ class PerSampleClipper:
         signature = (known[2] if known is not None and known[:2] == (len(records), batch)
                      else self._signature(records, ids, batch))
         key = (signature, self._walk(losses, records, trainable, id_set))
-        proof = self._proven.get(key)
-        if proof is None:
+        proof = self._proven.pop(key, None)
+        if proof is not None:
+            self._proven[key] = proof  # most recently used: last in line for eviction
+        else:
             if not self._calls_proven(signature):
                 self._prove_expansions(calls, batch)
             proof = self._prove(losses, records, edges, batch, trainable)
-            if len(self._proven) >= PROOFS_KEPT:  # re-proving an evicted structure is safe
-                self._proven.pop(next(iter(self._proven)))
+            while len(self._proven) >= PROOFS_KEPT:  # re-proving an evicted structure is safe
+                old = next(iter(self._proven))
+                del self._proven[old]
+                self._signatures[old[0]] -= 1
+                if not self._signatures[old[0]]:
+                    del self._signatures[old[0]]
             self._proven[key] = proof
+            self._signatures[signature] += 1
         dtype = torch.float64 if any(p.dtype == torch.float64 for p in trainable) else torch.float32
         plans = self._plans(losses, records, edges, batch, proof, dtype, loss_scale)
         norm2 = (
@@ -697,20 +738,15 @@ class PerSampleClipper:
         """Prove this pass's structure once (see the module docstring) or refuse; return the
         batch dim of every recorded output."""
         edges = [e for r in records for e in r.edges]
-        parities = []
+        probes = []
         with self._not_recording():  # a checkpointed forward re-run in backward
-            for parity in (0, 1) if batch > 1 and edges else ():
-                keep = torch.arange(batch, device=losses.device) % 2 == parity
-                grads = torch.autograd.grad(losses, edges, keep.to(losses.dtype),
-                                            retain_graph=True, allow_unused=True)
-                parities.append((keep, grads))
-            if batch == 1 and edges:
-                one = torch.ones(1, dtype=torch.bool, device=losses.device)
-                parities.append((one, torch.autograd.grad(
-                    losses.sum(), edges, retain_graph=True, allow_unused=True)))
+            for others, weights in _probe_groups(batch, losses) if edges else ():
+                grads = torch.autograd.grad(losses, edges, weights, retain_graph=True,
+                                            allow_unused=True)
+                probes.append((others, grads))
         live, at = [], 0  # calls whose outputs reach this loss (not a forward left without backward)
         for r in records:
-            live.append(any(g[i] is not None for _, g in parities
+            live.append(any(g[i] is not None for _, g in probes
                             for i in range(at, at + len(r.edges))))
             at += len(r.edges)
         try:
@@ -736,9 +772,9 @@ class PerSampleClipper:
             for k, (shape, _, _) in enumerate(r.outputs):
                 cands = [fixed[k]] if generic else batch_dims(r.rule, r.module, len(shape))
                 ok = [d for d in cands if len(shape) > d and shape[d] == batch
-                      and all(self._rows_local(g[at + k], d, keep) for keep, g in parities)]
-                if not ok and self._folded(r, shape, batch, [g[at + k] for _, g in parities],
-                                           [keep for keep, _ in parities]):
+                      and all(self._rows_local(g[at + k], d, others) for others, g in probes)]
+                if not ok and self._folded(r, shape, batch, [g[at + k] for _, g in probes],
+                                           [others for others, _ in probes]):
                     ok = [0]
                 if not ok:
                     if generic and len(shape) > fixed[k] and shape[fixed[k]] == batch:
@@ -749,9 +785,11 @@ class PerSampleClipper:
                     self._check_shape(r, torch.empty(shape, device="meta"),
                                       cands[0] if cands else 0, batch)
                     raise self._refuse(
-                        r, f"no dim of its output {tuple(shape)} holds one sample per row (a "
-                        "batch-1 output that is not a broadcast over the batch, or samples "
-                        "mixed?)", batch)
+                        r, f"no dim of its output {tuple(shape)} holds one sample per row: "
+                        "its rows reach other samples' losses (samples mixed after it: a loss "
+                        "pairing samples or with in-batch negatives, a batch statistic, a roll or "
+                        "an index across the batch?), or it is a batch-1 output that is not a "
+                        "broadcast over the batch", batch)
                 if len(ok) > 1 and batch > 1:
                     raise AmbiguousBatch(
                         f"{self._name(r.module)}: dims {ok} of its output {tuple(shape)} could "
@@ -772,19 +810,21 @@ class PerSampleClipper:
             return shape[0] // batch
         return 1
 
-    def _folded(self, r: _Record, shape: torch.Size, batch: int, grads: list, keeps: list) -> bool:
+    def _folded(self, r: _Record, shape: torch.Size, batch: int, grads: list, others: list
+                ) -> bool:
         """A position-wise layer on rows folded sample-major, (B * T, d) (OPT's MLP): rows
         i*T .. (i+1)*T - 1 reach only sample i's loss. Its rule reads the rows as (B, T, d)."""
         k = self._fold(r, shape, batch)
         if k == 1 or len(shape) < 2:
             return False
-        return all(self._rows_local(g, 0, keep.repeat_interleave(k))
-                   for g, keep in zip(grads, keeps))
+        rows = torch.arange(k, device=others[0].device) if others else None
+        return all(self._rows_local(g, 0, (o.unsqueeze(1) * k + rows).flatten())
+                   for g, o in zip(grads, others))
 
     @staticmethod
-    def _rows_local(g: Tensor | None, d: int, keep: Tensor) -> bool:
-        """The gradient of the kept samples' losses is zero on the other samples' rows."""
-        return g is None or not bool(g.movedim(d, 0)[~keep].ne(0).any())
+    def _rows_local(g: Tensor | None, d: int, others: Tensor) -> bool:
+        """The gradient of the kept samples' losses is zero on the ``others``' rows (of dim d)."""
+        return g is None or not bool(g.index_select(d, others).any())
 
     def _plans(self, losses: Tensor, records: list[_Record], edges: list[GradientEdge], batch: int,
                proof: _Proof, dtype: torch.dtype, loss_scale: float,
