@@ -36,6 +36,11 @@ replays exactly per sample. A failure is a :class:`Refusal` naming the module, i
 size may pass, and DPStep retries with one). Every pass, proved before or not, walks its autograd
 graph (:mod:`trustml.privacy.graph`): a parameter used outside the recorded calls is refused, and
 a graph whose structure differs from the proved one's is proved anew.
+
+The probe follows gradients: samples whose values mix with no gradient path between them (a batch
+statistic under ``detach()`` or ``no_grad``, routing with a capacity shared by the batch) are not
+seen here. DPStep's self-check (:mod:`trustml.privacy.verify`: the first batch against the naive
+per-sample loop) refuses those.
 """
 
 from __future__ import annotations
