@@ -12,6 +12,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from transformers.pytorch_utils import Conv1D
 
 from trustml.privacy import PerSampleClipper
+from trustml.privacy.broadcast import _differs
 from trustml.privacy.clipping import _probe_groups
 from trustml.privacy.factored import Factored, Grams
 
@@ -232,6 +233,37 @@ def test_untouched_gpt2_tied_default_positions(strategy):
     model = tiny_gpt2()
     assert model.lm_head.weight is model.transformer.wte.weight
     check(model, lm_loss, [torch.randint(0, 100, (4, 12))], strategy)
+
+
+def test_gpt2_with_gradient_checkpointing():
+    """Hugging Face's gradient checkpointing (non-reentrant): the blocks run forward again inside
+    the backward. The proof's replay of the model (under no_grad, where HF turns checkpointing off
+    and also returns its key-value cache) is compared on what the call returned only."""
+    torch.manual_seed(9)
+    model = tiny_gpt2()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    check(model, lm_loss, [torch.randint(0, 100, (4, 12))])
+
+
+def test_replay_compares_the_outputs_the_call_returned():
+    """An extra output of the replay is ignored; a missing or changed one is a difference."""
+    returned = {"logits": torch.ones(2)}
+    assert _differs({"logits": torch.ones(2), "cache": torch.zeros(1)}, returned) is None
+    assert _differs({"cache": torch.zeros(1)}, returned) == "no output 'logits'"
+    assert _differs({"logits": torch.zeros(2), "cache": None}, returned) == "different output values"
+
+
+def test_reentrant_checkpointing_refused_naming_the_fix():
+    """A reentrant checkpoint's backward cannot give the outputs inside it their gradients: torch's
+    own error becomes a refusal that says what to change."""
+    torch.manual_seed(9)
+    model = tiny_gpt2().double()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    model.train()
+    clipper = PerSampleClipper(model, 1.0)
+    with pytest.raises(ValueError, match=r"module <model> \(GPT2LMHeadModel\).*use_reentrant=False"):
+        clipper.backward(lm_loss(model, torch.randint(0, 100, (4, 12))))
 
 
 def test_expanded_call_output_held_only_until_proved():

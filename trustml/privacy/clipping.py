@@ -65,7 +65,7 @@ from trustml.privacy.broadcast import Call, autocast_state, rng_state, unchanged
 from trustml.privacy.conv import ConvFactors
 from trustml.privacy.factored import Factored, Grams, Use, batched, inner, merge, sqnorms
 from trustml.privacy.generic import KNOWN_LAYOUTS, AmbiguousBatch, GenericRule, Layout, Refusal
-from trustml.privacy.graph import Box, stray_uses
+from trustml.privacy.graph import Box, reaches, stray_uses
 from trustml.privacy.layers import (
     Conv1DRule,
     EmbeddingRule,
@@ -746,8 +746,18 @@ class PerSampleClipper:
         probes = []
         with self._not_recording():  # a checkpointed forward re-run in backward
             for others, weights in _probe_groups(batch, losses) if edges else ():
-                grads = torch.autograd.grad(losses, edges, weights, retain_graph=True,
-                                            allow_unused=True)
+                try:
+                    grads = torch.autograd.grad(losses, edges, weights, retain_graph=True,
+                                                allow_unused=True)
+                except RuntimeError:
+                    if reaches(losses, "CheckpointFunctionBackward"):
+                        raise Refusal(
+                            f"module <model> ({type(self.model).__name__}): it runs "
+                            "torch.utils.checkpoint with use_reentrant=True, whose backward "
+                            "cannot reach the layer outputs inside it; use use_reentrant=False "
+                            "(Hugging Face: gradient_checkpointing_enable(gradient_checkpointing_"
+                            "kwargs={'use_reentrant': False}))") from None
+                    raise
                 probes.append((others, grads))
         live, at = [], 0  # calls whose outputs reach this loss (not a forward left without backward)
         for r in records:

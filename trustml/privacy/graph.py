@@ -69,3 +69,18 @@ def stray_uses(loss: Tensor, boxes: list[Box], trainable: Collection[int]
             if child is not None:
                 stack.append((child, child_nr, box))
     return list(found.items()), fingerprint
+
+
+def reaches(loss: Tensor, kind: str) -> bool:
+    """Whether the graph behind ``loss`` has a node of class ``kind`` (a plain walk, for an error
+    path: :func:`stray_uses` is the per-pass one)."""
+    seen, stack = set(), [loss.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        if type(node).__name__ == kind:
+            return True
+        seen.add(node)
+        stack.extend(child for child, _ in node.next_functions)
+    return False
