@@ -107,6 +107,23 @@ def test_make_private_self_check_passes_and_step_is_exact(name: str) -> None:
     assert verdict.kind == "exact", verdict
 
 
+@pytest.mark.parametrize("name", VERIFIED)
+def test_gradient_checkpointing_step_is_exact(name: str) -> None:
+    """Hugging Face gradient checkpointing (non-reentrant): the blocks' forward runs again inside
+    the backward pass, and the self-check and the step stay exact."""
+    spec = next(s for s in ZOO if s.name == name)
+    model = spec.build()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    batch, seq = shapes(spec)["plain"]
+    model, training, ref, _ = private_step(spec, batch, seq, model)
+    assert training.verification is not None and training.verification.max_rel_err <= 1e-6
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    verdict = compare_grads(named, [p.grad for _, p in named], [r / batch for r in ref],
+                            rtol=1e-6, atol=1e-9)
+    assert verdict.kind == "exact", verdict
+
+
 def test_self_check_refuses_a_silently_wrong_engine(monkeypatch: pytest.MonkeyPatch) -> None:
     """An engine that is off by 1% on one parameter: the self-check refuses before any update."""
 
