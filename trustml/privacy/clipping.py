@@ -57,7 +57,7 @@ from trustml.privacy.broadcast import Call, autocast_state, rng_state, unchanged
 from trustml.privacy.conv import ConvFactors
 from trustml.privacy.factored import Factored, Grams, Use, batched, inner, merge, sqnorms
 from trustml.privacy.generic import KNOWN_LAYOUTS, AmbiguousBatch, GenericRule, Layout, Refusal
-from trustml.privacy.graph import Box, stray_uses
+from trustml.privacy.graph import Box, gradient_hooked, stray_uses
 from trustml.privacy.layers import (
     Conv1DRule,
     EmbeddingRule,
@@ -674,6 +674,12 @@ class PerSampleClipper:
         not fix the graph (``loss + (w ** 2).sum()`` or ``h + h.mean(0)`` on some steps only), so
         a proof is reused only for the same calls *and* the same graph fingerprint.
         """
+        hooked = gradient_hooked(trainable)
+        if hooked:
+            raise Refusal(
+                f"parameter {self._param_name(hooked[0])} has a gradient hook (register_hook): "
+                "per-sample clipping never forms its batch gradient, so the hook would not run; "
+                "remove the hook (freeze the parameter, or mask its inputs or outputs instead)")
         rules = self._rules
         boxes = [Box([e[:2] for e in r.edges], _input_edges(r.inputs), rules[r.module][3])
                  for r in records]

@@ -69,3 +69,10 @@ def stray_uses(loss: Tensor, boxes: list[Box], trainable: Collection[int]
             if child is not None:
                 stack.append((child, child_nr, box))
     return list(found.items()), fingerprint
+
+
+def gradient_hooked(params: list[Tensor]) -> list[Tensor]:
+    """Trainable parameters carrying a gradient hook (``p.register_hook``: a mask, a rescale). The
+    clipper never computes a parameter's batch gradient, so such a hook would never run: the
+    per-sample gradients would be the unhooked ones, silently. One attribute read per parameter."""
+    return [p for p in params if p._backward_hooks]
