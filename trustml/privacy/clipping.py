@@ -86,6 +86,7 @@ class _Record:
     edges: list[GradientEdge]
     outputs: list[tuple[torch.Size, torch.dtype, torch.device]]
     inputs: tuple  # the call's (args, kwargs), for the graph walk of the probe
+    versions: tuple[int, ...]  # their tensors' version counters after the call (_modified)
 
 
 @dataclass
@@ -252,15 +253,24 @@ def _first_tensor(tree: Any) -> Tensor | None:
     return next((t for t in tree_leaves(tree) if isinstance(t, Tensor) and t.dim() > 0), None)
 
 
+def _tensors(inputs: tuple) -> tuple | list:
+    """The tensors among a call's inputs (``(args, kwargs)``)."""
+    args, kwargs = inputs
+    if kwargs or not all([isinstance(a, Tensor) for a in args]):
+        return [x for x in tree_leaves(inputs) if isinstance(x, Tensor)]
+    return args
+
+
+def _versions(inputs: tuple) -> tuple[int, ...]:
+    return tuple([x._version for x in _tensors(inputs)])
+
+
 def _input_edges(inputs: tuple) -> list[tuple[object, int]]:
     """Where the gradient of each input of a call (``(args, kwargs)``) that requires grad enters
     the graph: (node, output number), for the graph walk."""
-    args, kwargs = inputs
-    if kwargs or not all([isinstance(a, Tensor) for a in args]):
-        args = [x for x in tree_leaves(inputs) if isinstance(x, Tensor)]
     return [(node, x.output_nr) if (node := x.grad_fn) is not None
             else tuple(get_gradient_edge(x))[:2]  # a leaf: its AccumulateGrad node
-            for x in args if x.requires_grad]
+            for x in _tensors(inputs) if x.requires_grad]
 
 
 def _described(name: str, module: nn.Module) -> str:
@@ -464,7 +474,8 @@ class PerSampleClipper:
             if output.requires_grad:
                 self._records.append(_Record(
                     module, rule, rule.save(module, args, kwargs, output), [_edge(output)],
-                    [(output.shape, output.dtype, output.device)], (args, kwargs)))
+                    [(output.shape, output.dtype, output.device)], (args, kwargs),
+                    _versions((args, kwargs))))
             return None
         leaves, spec = ([output], None) if isinstance(output, Tensor) else tree_flatten(output)
         generic = isinstance(rule, GenericRule)
@@ -490,7 +501,8 @@ class PerSampleClipper:
                 saved.broadcast = True
             self._records.append(
                 _Record(module, rule, saved, [_edge(o) for o in outs],
-                        [(o.shape, o.dtype, o.device) for o in outs], (args, kwargs))
+                        [(o.shape, o.dtype, o.device) for o in outs], (args, kwargs),
+                        _versions((args, kwargs)))
             )
         return output if expand else None
 
@@ -674,6 +686,7 @@ class PerSampleClipper:
         not fix the graph (``loss + (w ** 2).sum()`` or ``h + h.mean(0)`` on some steps only), so
         a proof is reused only for the same calls *and* the same graph fingerprint.
         """
+        self._modified(records)
         hooked = gradient_hooked(trainable)
         if hooked:
             raise Refusal(
@@ -696,6 +709,18 @@ class PerSampleClipper:
                 "weight directly (e.g. tie weights to an nn.Linear), or freeze the parameter."
             )
         return fingerprint
+
+    def _modified(self, records: list[_Record]) -> None:
+        """Refuse a pass in which a recorded call's input was modified in place after the call
+        (``y = lin(x); x.mul_(2)``): its rule would read the modified values, which torch's own
+        backward refuses ("modified by an inplace operation") -- unless nothing is trained there."""
+        for r in records:
+            if r.versions != _versions(r.inputs) and any(
+                    p.requires_grad for p in self._covered(r)):
+                raise Refusal(
+                    f"{self._name(r.module)}: an input of this call was modified in place after "
+                    "the call, so its per-sample gradient would read the modified values (torch's "
+                    "backward refuses this too); use an out-of-place op (x = x * 2, not x.mul_(2))")
 
     def _probe(
         self, losses: Tensor, records: list[_Record], batch: int, trainable: list
