@@ -154,6 +154,84 @@ class Checkpointed(nn.Module):
         return self.c(h)
 
 
+class InPlaceOnOutputs(nn.Module):
+    """In-place ops on layer outputs (scale, index assignment, a residual add)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(D, D), nn.Linear(D, 2)
+
+    def forward(self, x):
+        h = self.a(x)
+        h.mul_(2)
+        h[:, 0] = 0.5
+        out = self.b(torch.tanh(h))
+        out.add_(x[:, :2])
+        return out
+
+
+class Rounded(torch.autograd.Function):
+    """A straight-through rounding, in the torch.func-ready style (setup_context)."""
+
+    @staticmethod
+    def forward(x):
+        return x.round()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, g):
+        return g
+
+    generate_vmap_rule = True
+
+
+class Quantised(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(D))
+
+    def forward(self, x):
+        return Rounded.apply(x * self.w * 3)
+
+
+class MatMul(nn.Module):
+    def __init__(self, w: nn.Parameter):
+        super().__init__()
+        self.w = w
+
+    def forward(self, x):
+        return x @ self.w
+
+
+class TiedAcrossRules(nn.Module):
+    """One Parameter owned by a Linear (fast rule) and by a generic-path module."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(D, D)
+        self.gen = MatMul(self.lin.weight)
+
+    def forward(self, x):
+        return self.gen(torch.tanh(self.lin(x)))
+
+
+class PackedLSTM(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.rnn, self.out = nn.LSTM(D, 4, batch_first=True), nn.Linear(4, 2)
+
+    def forward(self, x):
+        lengths = torch.full((len(x),), T)
+        lengths[0] = 2
+        packed = nn.utils.rnn.pack_padded_sequence(x, lengths, batch_first=True,
+                                                   enforce_sorted=False)
+        out, _ = self.rnn(packed)
+        return self.out(nn.utils.rnn.pad_packed_sequence(out, batch_first=True, total_length=T)[0])
+
+
 CASES = [
     Case("bilinear", BilinearModel, randn("B", D), squared_loss),
     Case("prelu-shared", lambda: nn.Sequential(nn.Linear(D, D), nn.PReLU(), nn.Linear(D, 2)),
@@ -179,6 +257,13 @@ CASES = [
          squared_loss, dims=[0, 0]),
     Case("functional-call-own-params", SameParams, randn("B", D), squared_loss),
     Case("checkpoint-non-reentrant", Checkpointed, randn("B", D), squared_loss),
+    Case("in-place-on-layer-outputs", InPlaceOnOutputs, randn("B", D), squared_loss),
+    Case("custom-function-in-generic-layer", lambda: nn.Sequential(Quantised(), nn.Linear(D, 2)),
+         randn("B", D), squared_loss),
+    Case("parameter-tied-across-fast-and-generic", TiedAcrossRules, randn("B", D), squared_loss),
+    # was an AttributeError (a PackedSequence rebuilt from indices) naming no module
+    Case("lstm-on-packed-sequence", PackedLSTM, randn("B", T, D), squared_loss, expect="refused",
+         names=("rnn", "LSTM", "PackedSequence")),
     Case("forward-hook-mixes-samples", mixing_output, randn("B", D), squared_loss,
          names=("a", "Linear"), exact_when=lambda b: b == 1),
     Case("weight-grad-hook", masked_weight_grad, randn("B", D), squared_loss, expect="refused",
@@ -745,3 +830,37 @@ def test_trainable_parameter_outside_the_optimizer():
         assert "a.weight" in str(err)
         return
     assert model.a.weight.grad is None, "an un-noised clipped sum left in a.weight.grad"
+
+
+def test_infinite_max_grad_norm_refused():
+    """C = inf ("no clipping") made every clip factor 0 * inf = NaN: NaN gradients, finite norms
+    (DPStep's overflow check reads the norms). Now a ValueError at construction."""
+    with pytest.raises(ValueError, match="max_grad_norm must be a finite number"):
+        PerSampleClipper(nn.Linear(D, 2), float("inf"))
+
+
+class OldStyleRounded(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.round()
+
+    @staticmethod
+    def backward(ctx, g):
+        return g
+
+
+class OldStyleQuantised(Quantised):
+    def forward(self, x):
+        return OldStyleRounded.apply(x * self.w * 3)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_old_style_custom_function_in_a_generic_layer_is_loud(batch: int) -> None:
+    """torch.func cannot replay an autograd.Function without setup_context: torch's RuntimeError
+    (which says to add it), before any .grad is written. Loud, though not a Refusal."""
+    torch.manual_seed(0)
+    model = nn.Sequential(OldStyleQuantised(), nn.Linear(D, 2)).double()
+    clipper = PerSampleClipper(model, 1.0)
+    with pytest.raises(RuntimeError, match="setup_context"):
+        clipper.backward(sq(model(_rows(batch, 0))))
+    assert all(p.grad is None for p in model.parameters())

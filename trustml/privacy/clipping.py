@@ -303,8 +303,8 @@ class PerSampleClipper:
     """
 
     def __init__(self, model: nn.Module, max_grad_norm: float, *, strategy: Strategy = "auto"):
-        if not max_grad_norm > 0:
-            raise ValueError(f"max_grad_norm must be > 0, got {max_grad_norm!r}")
+        if not 0 < max_grad_norm < float("inf"):  # C = inf: every clip factor 0 * inf = NaN
+            raise ValueError(f"max_grad_norm must be a finite number > 0, got {max_grad_norm!r}")
         if strategy not in ("auto", "ghost", "materialise"):
             raise ValueError(f"strategy must be 'auto', 'ghost' or 'materialise', got {strategy!r}")
         self.model = model

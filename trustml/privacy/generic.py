@@ -73,10 +73,13 @@ def _arg(args: tuple, kwargs: dict, pos: int, name: str) -> Any:
 
 
 def _rnn_layout(module: nn.RNNBase, saved: Saved) -> Layout:
+    if isinstance(_arg(*tree_unflatten(saved.flat, saved.spec), 0, "input"), PackedSequence):
+        # (before _index_tree: a PackedSequence cannot be rebuilt from indices)
+        raise Refusal("PackedSequence inputs are not supported: pass a padded batch tensor")
     args, kwargs = _index_tree(saved)
     first = _arg(args, kwargs, 0, "input")
     x = saved.flat[first]
-    if isinstance(x, PackedSequence) or not isinstance(x, Tensor):
+    if not isinstance(x, Tensor):
         raise Refusal("PackedSequence inputs are not supported: pass a padded batch tensor")
     if x.dim() != 3:
         raise Refusal("unbatched (2-D) RNN input: pass a (batch, time, features) tensor")
