@@ -232,6 +232,20 @@ class PackedLSTM(nn.Module):
         return self.out(nn.utils.rnn.pad_packed_sequence(out, batch_first=True, total_length=T)[0])
 
 
+class InputGradientPenalty(nn.Module):
+    """Double backprop in the forward: the output and its input gradient's squared norm."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(D, D), nn.Linear(D, 1)
+
+    def forward(self, x):
+        x = x.clone().requires_grad_(True)
+        out = self.b(torch.tanh(self.a(x)))
+        g, = torch.autograd.grad(out.sum(), x, create_graph=True)
+        return torch.cat([out, (g**2).sum(1, keepdim=True)], 1)
+
+
 CASES = [
     Case("bilinear", BilinearModel, randn("B", D), squared_loss),
     Case("prelu-shared", lambda: nn.Sequential(nn.Linear(D, D), nn.PReLU(), nn.Linear(D, 2)),
@@ -264,6 +278,9 @@ CASES = [
     # was an AttributeError (a PackedSequence rebuilt from indices) naming no module
     Case("lstm-on-packed-sequence", PackedLSTM, randn("B", T, D), squared_loss, expect="refused",
          names=("rnn", "LSTM", "PackedSequence")),
+    # the second-order graph uses the weights outside their calls: refused (conservatively)
+    Case("input-gradient-penalty", InputGradientPenalty, randn("B", D), squared_loss,
+         expect="refused", names=("weight", "outside any module call")),
     Case("forward-hook-mixes-samples", mixing_output, randn("B", D), squared_loss,
          names=("a", "Linear"), exact_when=lambda b: b == 1),
     Case("weight-grad-hook", masked_weight_grad, randn("B", D), squared_loss, expect="refused",
@@ -326,6 +343,20 @@ class DerivedWeights(SameParams):
         return functional_call(self.net, {k: 2 * v for k, v in self.net.named_parameters()}, (x,))
 
 
+def tokens(b, g):
+    mask = (torch.rand(b, T, generator=g) > 0.3).double()
+    mask[:, 0] = 1
+    return [torch.randn(b, T, D, generator=g), mask]
+
+
+def over_batch_tokens(m, xs):
+    """Token losses summed per sample, divided by the BATCH's token count (Hugging Face's
+    ``num_items_in_batch`` normalisation) instead of the sample's own."""
+    x, mask = xs
+    per_token = sq(m(x).flatten(0, 1)).view(x.shape[0], -1)
+    return (per_token * mask).sum(1) / mask.sum()
+
+
 WRONG = [
     # A value computed from other samples without a gradient path: the probe sees zero rows where
     # it expects them; each loss in the batch is not the sample's loss alone. Opacus is wrong too;
@@ -334,6 +365,9 @@ WRONG = [
      "a batch statistic under no_grad couples samples without any gradient path"),
     (Case("detached-batch-norm", DetachedBatchNorm, randn("B", D), squared_loss),
      "h / h.detach().norm() couples samples without any gradient path"),
+    (Case("loss-over-batch-token-count", lambda: nn.Linear(D, 2), tokens, over_batch_tokens,
+          dims=[0, 0]),
+     "each loss divided by the batch's token count (an integer computed from other samples)"),
     # Zero-preserving but nonlinear in the output gradient: the probe checks only which rows are
     # zero, and the real backward sums all losses before the hook divides by the batch's norm.
     (Case("tensor-hook-normalises-grad", NormalisedGrad, randn("B", D), squared_loss),
@@ -864,3 +898,27 @@ def test_old_style_custom_function_in_a_generic_layer_is_loud(batch: int) -> Non
     with pytest.raises(RuntimeError, match="setup_context"):
         clipper.backward(sq(model(_rows(batch, 0))))
     assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["Module.compile", "torch.compile"])
+def test_torch_compile_stays_exact(how: str) -> None:
+    """The clipper's hooks on a compiled model (dynamo breaks the graph at them): exact, two
+    steps. Slow: the first compilation takes ~30 s on one core."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(D, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    if how == "Module.compile":
+        model.compile()
+        target = model
+    else:
+        target = torch.compile(model)
+
+    class Called(nn.Module):  # step_verdicts calls the compiled target, hooks sit on ``model``
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, x):
+            return target(x)
+
+    assert step_verdicts(Called(), [_rows(5, 0), _rows(5, 1)]) == ["exact", "exact"]
