@@ -330,6 +330,12 @@ class PerSampleClipper:
         self._layout_key: list | None = None
         self._attach()
 
+    @property
+    def trainable(self) -> list[nn.Parameter]:
+        """The parameters this clipper clips (those requiring grad as of the last forward); a new
+        list object whenever the set changes."""
+        return self._trainable
+
     # ---- which modules, which rules --------------------------------------------------------
 
     def _attach(self) -> None:
@@ -468,6 +474,13 @@ class PerSampleClipper:
                 return None  # inside a generic-path call: that call's rule covers this one
         if not torch.is_grad_enabled():
             return None
+        for p in module._parameters.values():
+            if p is not None and not isinstance(p, nn.Parameter):
+                raise Refusal(
+                    f"{self._name(module)}: one of its parameters was replaced for this call by a "
+                    "computed tensor (torch.func.functional_call with weights derived from the "
+                    "parameters?), whose per-sample gradient the clipper would credit to the "
+                    "parameter itself; call the module with its own parameters")
         if isinstance(output, Tensor) and (self._batch <= 1 or output.dim() == 0
                                            or output.shape[0] != 1):
             # one tensor that cannot be expanded (every layer of an MLP): no tree, no expansion
