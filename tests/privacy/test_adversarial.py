@@ -927,3 +927,45 @@ def test_torch_compile_stays_exact(how: str) -> None:
             return target(x)
 
     assert step_verdicts(Called(), [_rows(5, 0), _rows(5, 1)]) == ["exact", "exact"]
+
+
+class TrainModeCentring(nn.Module):
+    """A hand-written normaliser without parameters (not a BatchNorm subclass): the batch mean
+    under no_grad in train mode, its running mean in eval mode."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("running", torch.zeros(D, dtype=torch.float64))
+
+    def forward(self, x):
+        if not self.training:
+            return x - self.running
+        with torch.no_grad():
+            mean = x.mean(0)
+            self.running.mul_(0.9).add_(0.1 * mean)
+        return x - mean
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="silently wrong: the self-check runs an eval-mode copy, so a coupling "
+                   "that exists in train mode only (batch statistics under no_grad) passes it, "
+                   "and the clipper cannot see it")
+def test_train_mode_only_coupling_passes_the_self_check():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(D, D), TrainModeCentring(), nn.Linear(D, 2)).double()
+    training, batch = dp_step(model, torch.optim.SGD(model.parameters(), lr=1.0),
+                              noise_multiplier=0.0)
+    start = [p.detach().clone() for p in model.parameters()]
+    buffers = model[1].running.clone()
+    params = list(model.parameters())
+    grads = []
+    for i in range(len(batch["x"])):  # each sample alone, in train mode
+        model[1].running.copy_(buffers)
+        grads.append(torch.autograd.grad(objective(model, {"x": batch["x"][i : i + 1]}).losses.sum(),
+                                         params))
+    model[1].running.copy_(buffers)
+    norms = torch.stack([torch.sqrt(sum((g**2).sum() for g in gi)) for gi in grads])
+    want = clipped_sum(grads, norms, 0.5)
+    training.step.step(model, objective, batch)  # passes the self-check, steps
+    for p, s, w in zip(model.parameters(), start, want):
+        torch.testing.assert_close(s - p.detach(), w / len(batch["x"]), rtol=1e-6, atol=1e-9)
