@@ -255,6 +255,26 @@ class InputGradientPenalty(nn.Module):
         return torch.cat([out, (g**2).sum(1, keepdim=True)], 1)
 
 
+class TwoViews(nn.Module):
+    """Two views of each sample through the same layers, each sample's loss over both: rows
+    interleaved sample-major (x0, x0', x1, x1', ...: folded rows), or view-major as
+    ``torch.cat([x, x'])`` (SimCLR-style), which no fold reads: refused (a false refusal, but
+    loud; interleave the views instead)."""
+
+    def __init__(self, sample_major: bool):
+        super().__init__()
+        self.a, self.b = nn.Linear(D, D), nn.Linear(D, 2)
+        self.sample_major = sample_major
+
+    def forward(self, x):
+        b = len(x)
+        if self.sample_major:
+            views = torch.stack([x, -0.5 * x], 1).flatten(0, 1)
+            return self.b(torch.tanh(self.a(views))).view(b, 2, 2).sum(1)
+        views = torch.cat([x, -0.5 * x])
+        return self.b(torch.tanh(self.a(views))).view(2, b, 2).sum(0)
+
+
 CASES = [
     Case("bilinear", BilinearModel, randn("B", D), squared_loss),
     Case("prelu-shared", lambda: nn.Sequential(nn.Linear(D, D), nn.PReLU(), nn.Linear(D, 2)),
@@ -296,6 +316,9 @@ CASES = [
     # the second-order graph uses the weights outside their calls: refused (conservatively)
     Case("input-gradient-penalty", InputGradientPenalty, randn("B", D), squared_loss,
          expect="refused", names=("weight", "outside any module call")),
+    Case("two-views-sample-major", lambda: TwoViews(True), randn("B", D), squared_loss),
+    Case("two-views-view-major", lambda: TwoViews(False), randn("B", D), squared_loss,
+         names=("a", "Linear"), exact_when=lambda b: b == 1),
     Case("forward-hook-mixes-samples", mixing_output, randn("B", D), squared_loss,
          names=("a", "Linear"), exact_when=lambda b: b == 1),
     Case("weight-grad-hook", masked_weight_grad, randn("B", D), squared_loss, expect="refused",
