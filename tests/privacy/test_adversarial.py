@@ -992,3 +992,23 @@ def test_train_mode_only_coupling_passes_the_self_check():
     training.step.step(model, objective, batch)  # passes the self-check, steps
     for p, s, w in zip(model.parameters(), start, want):
         torch.testing.assert_close(s - p.detach(), w / len(batch["x"]), rtol=1e-6, atol=1e-9)
+
+
+def test_param_groups_with_their_own_learning_rates():
+    """Two param groups (lr 1 and 0.25), noiseless: each parameter moves by its group's lr times
+    the clipped sum over the expected batch size, the clip taken over both groups together."""
+    torch.manual_seed(0)
+    model = TwoLayers().double()
+    optimizer = torch.optim.SGD([{"params": model.a.parameters(), "lr": 1.0},
+                                 {"params": model.b.parameters(), "lr": 0.25}])
+    training, batch = dp_step(model, optimizer, noise_multiplier=0.0)
+    params = list(model.parameters())
+    start = [p.detach().clone() for p in params]
+    grads = [torch.autograd.grad(objective(model, {"x": batch["x"][i : i + 1]}).losses.sum(),
+                                 params) for i in range(len(batch["x"]))]
+    norms = torch.stack([torch.sqrt(sum((g**2).sum() for g in gi)) for gi in grads])
+    assert (norms > 0.5).any() and (norms < 0.5).any()  # some clipped, some not
+    want = clipped_sum(grads, norms, 0.5)
+    training.step.step(model, objective, batch)
+    for p, s, w, lr in zip(params, start, want, [1.0, 1.0, 0.25, 0.25]):
+        torch.testing.assert_close(s - p.detach(), lr * w / len(batch["x"]), rtol=1e-6, atol=1e-9)

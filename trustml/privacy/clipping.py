@@ -262,6 +262,13 @@ def _tensors(inputs: tuple) -> tuple | list:
 
 
 def _versions(inputs: tuple) -> tuple[int, ...]:
+    """The version counters of a call's tensor inputs (``_modified`` compares them later)."""
+    args, kwargs = inputs
+    if not kwargs:
+        try:  # the common case, tensors only: no type checks (~0.5 us per call)
+            return tuple([a._version for a in args])
+        except AttributeError:
+            pass
     return tuple([x._version for x in _tensors(inputs)])
 
 
