@@ -673,6 +673,7 @@ def hf_verdict(model: nn.Module, loss, batch: dict[str, Tensor], start=None) -> 
     return verdict.kind if verdict.kind == "exact" else f"{verdict.kind}: {verdict.detail}"
 
 
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # the name, deprecated in v6
 @pytest.mark.filterwarnings("ignore::UserWarning")
 @pytest.mark.parametrize("batch", [1, 3, 4])
 @pytest.mark.parametrize("name", ["gpt2", "llama", "bert"])
@@ -686,6 +687,7 @@ def test_hf_gradient_checkpointing_non_reentrant(name: str, batch: int) -> None:
     assert hf_verdict(model, spec.loss, spec.batch(batch, 5)) == "exact"
 
 
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # the name, deprecated in v6
 @pytest.mark.filterwarnings("ignore::UserWarning")
 @pytest.mark.parametrize("batch", [1, 3])
 def test_hf_gradient_checkpointing_reentrant_is_loud(batch: int) -> None:
