@@ -57,7 +57,7 @@ from trustml.privacy.broadcast import Call, autocast_state, rng_state, unchanged
 from trustml.privacy.conv import ConvFactors
 from trustml.privacy.factored import Factored, Grams, Use, batched, inner, merge, sqnorms
 from trustml.privacy.generic import KNOWN_LAYOUTS, AmbiguousBatch, GenericRule, Layout, Refusal
-from trustml.privacy.graph import Box, gradient_hooked, stray_uses
+from trustml.privacy.graph import Box, ReentrantCheckpoint, gradient_hooked, stray_uses
 from trustml.privacy.layers import (
     Conv1DRule,
     EmbeddingRule,
@@ -716,7 +716,15 @@ class PerSampleClipper:
         rules = self._rules
         boxes = [Box([e[:2] for e in r.edges], _input_edges(r.inputs), rules[r.module][3])
                  for r in records]
-        stray, fingerprint = stray_uses(losses, boxes, ids)
+        try:
+            stray, fingerprint = stray_uses(losses, boxes, ids)
+        except ReentrantCheckpoint:
+            raise Refusal(
+                f"{self._name(self.model)}: its forward uses a reentrant torch.utils.checkpoint "
+                "(use_reentrant=True), whose backward cannot give the layer output gradients "
+                "per-sample clipping needs; use use_reentrant=False (Hugging Face: model."
+                "gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': "
+                "False}))") from None
         if stray:
             by_id = {id(p): p for p in trainable}
             pid, box = stray[0]

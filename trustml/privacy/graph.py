@@ -14,10 +14,17 @@ from collections.abc import Collection
 from dataclasses import dataclass
 
 import torch
+import torch.utils.checkpoint
 from torch import Tensor
 
 Edge = tuple[object, int]  # (autograd node, output number): where a tensor's gradient enters
 LEAF = torch._C._functions.AccumulateGrad  # a leaf's node: its ``variable`` is the tensor
+REENTRANT = torch.utils.checkpoint.CheckpointFunction._backward_cls  # use_reentrant=True
+
+
+class ReentrantCheckpoint(Exception):
+    """The graph holds a reentrant ``torch.utils.checkpoint``: its backward runs a nested
+    ``backward()`` that accepts no ``inputs=``, so no layer output gradient can be taken."""
 
 
 @dataclass
@@ -59,6 +66,8 @@ def stray_uses(loss: Tensor, boxes: list[Box], trainable: Collection[int]
             continue
         seen.add((node, box))
         kind = type(node)
+        if kind is REENTRANT:
+            raise ReentrantCheckpoint
         fingerprint = hash((fingerprint, kind, nr, box))
         if kind is LEAF:
             pid = id(node.variable)
