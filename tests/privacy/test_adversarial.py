@@ -921,14 +921,38 @@ class OldStyleQuantised(Quantised):
 
 
 @pytest.mark.parametrize("batch", [1, 3])
-def test_old_style_custom_function_in_a_generic_layer_is_loud(batch: int) -> None:
-    """torch.func cannot replay an autograd.Function without setup_context: torch's RuntimeError
-    (which says to add it), before any .grad is written. Loud, though not a Refusal."""
+def test_old_style_custom_function_in_a_generic_layer_is_refused(batch: int) -> None:
+    """torch.func cannot replay an autograd.Function without setup_context: was torch's
+    RuntimeError naming no module; now a Refusal naming it, before any .grad is written."""
     torch.manual_seed(0)
     model = nn.Sequential(OldStyleQuantised(), nn.Linear(D, 2)).double()
     clipper = PerSampleClipper(model, 1.0)
-    with pytest.raises(RuntimeError, match="setup_context"):
+    with pytest.raises(Refusal, match=r"module 0 \(OldStyleQuantised\).*setup_context"):
         clipper.backward(sq(model(_rows(batch, 0))))
+    assert all(p.grad is None for p in model.parameters())
+
+
+class Counted(nn.Module):
+    """A generic-path layer that counts its calls in a buffer."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(D))
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, x):
+        self.calls += 1
+        return x * self.w
+
+
+def test_buffer_updated_in_a_generic_layer_is_refused():
+    """torch.func refuses the captured buffer's update: was its RuntimeError naming no module.
+    (The probe's replays still add calls to the buffer before that.)"""
+    torch.manual_seed(0)
+    model = nn.Sequential(Counted(), nn.Linear(D, 2)).double()
+    clipper = PerSampleClipper(model, 1.0)
+    with pytest.raises(Refusal, match=r"module 0 \(Counted\).*buffer"):
+        clipper.backward(sq(model(_rows(4, 0))))
     assert all(p.grad is None for p in model.parameters())
 
 

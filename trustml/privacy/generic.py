@@ -357,8 +357,14 @@ class GenericRule:
                 yield p, whole[name].unsqueeze(0)
             return
         # a broadcast call (no batched input) is vmapped over its output gradients alone
-        per_sample = self._per_sample(
-            grad(sample_loss), detached, saved, lay, (grads,), (lay.outputs,)
-        )
+        try:
+            per_sample = self._per_sample(
+                grad(sample_loss), detached, saved, lay, (grads,), (lay.outputs,)
+            )
+        except RuntimeError as err:  # torch.func cannot run it even one sample at a time
+            raise Refusal(
+                "torch.func cannot take its per-sample gradient "
+                f"({str(err).splitlines()[0][:200]}): an autograd.Function without "
+                "setup_context, or a buffer updated in its forward?") from err
         for name, p in params.items():
             yield p, per_sample[name]
