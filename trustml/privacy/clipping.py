@@ -65,7 +65,7 @@ from trustml.privacy.broadcast import Call, autocast_state, rng_state, unchanged
 from trustml.privacy.conv import ConvFactors
 from trustml.privacy.factored import Factored, Grams, Use, batched, inner, merge, sqnorms
 from trustml.privacy.generic import KNOWN_LAYOUTS, AmbiguousBatch, GenericRule, Layout, Refusal
-from trustml.privacy.graph import Box, reaches, stray_uses
+from trustml.privacy.graph import Box, ReentrantCheckpoint, gradient_hooked, stray_uses
 from trustml.privacy.layers import (
     Conv1DRule,
     EmbeddingRule,
@@ -97,6 +97,7 @@ class _Record:
     edges: list[GradientEdge]
     outputs: list[tuple[torch.Size, torch.dtype, torch.device]]
     inputs: tuple  # the call's (args, kwargs), for the graph walk of the probe
+    versions: tuple[int, ...]  # their tensors' version counters after the call (_modified)
 
 
 @dataclass
@@ -289,15 +290,31 @@ def _first_tensor(tree: Any) -> Tensor | None:
     return next((t for t in tree_leaves(tree) if isinstance(t, Tensor) and t.dim() > 0), None)
 
 
+def _tensors(inputs: tuple) -> tuple | list:
+    """The tensors among a call's inputs (``(args, kwargs)``)."""
+    args, kwargs = inputs
+    if kwargs or not all([isinstance(a, Tensor) for a in args]):
+        return [x for x in tree_leaves(inputs) if isinstance(x, Tensor)]
+    return args
+
+
+def _versions(inputs: tuple) -> tuple[int, ...]:
+    """The version counters of a call's tensor inputs (``_modified`` compares them later)."""
+    args, kwargs = inputs
+    if not kwargs:
+        try:  # the common case, tensors only: no type checks (~0.5 us per call)
+            return tuple([a._version for a in args])
+        except AttributeError:
+            pass
+    return tuple([x._version for x in _tensors(inputs)])
+
+
 def _input_edges(inputs: tuple) -> list[tuple[object, int]]:
     """Where the gradient of each input of a call (``(args, kwargs)``) that requires grad enters
     the graph: (node, output number), for the graph walk."""
-    args, kwargs = inputs
-    if kwargs or not all([isinstance(a, Tensor) for a in args]):
-        args = [x for x in tree_leaves(inputs) if isinstance(x, Tensor)]
     return [(node, x.output_nr) if (node := x.grad_fn) is not None
             else tuple(get_gradient_edge(x))[:2]  # a leaf: its AccumulateGrad node
-            for x in args if x.requires_grad]
+            for x in _tensors(inputs) if x.requires_grad]
 
 
 def _described(name: str, module: nn.Module) -> str:
@@ -330,8 +347,8 @@ class PerSampleClipper:
     """
 
     def __init__(self, model: nn.Module, max_grad_norm: float, *, strategy: Strategy = "auto"):
-        if not max_grad_norm > 0:
-            raise ValueError(f"max_grad_norm must be > 0, got {max_grad_norm!r}")
+        if not 0 < max_grad_norm < float("inf"):  # C = inf: every clip factor 0 * inf = NaN
+            raise ValueError(f"max_grad_norm must be a finite number > 0, got {max_grad_norm!r}")
         if strategy not in ("auto", "ghost", "materialise"):
             raise ValueError(f"strategy must be 'auto', 'ghost' or 'materialise', got {strategy!r}")
         self.model = model
@@ -357,6 +374,12 @@ class PerSampleClipper:
         self._calls: list[Call] = []  # the calls of this pass with an expanded output
         self._layout_key: list | None = None
         self._attach()
+
+    @property
+    def trainable(self) -> list[nn.Parameter]:
+        """The parameters this clipper clips (those requiring grad as of the last forward); a new
+        list object whenever the set changes."""
+        return self._trainable
 
     # ---- which modules, which rules --------------------------------------------------------
 
@@ -497,13 +520,21 @@ class PerSampleClipper:
                 return None  # inside a generic-path call: that call's rule covers this one
         if not torch.is_grad_enabled():
             return None
+        for p in module._parameters.values():
+            if p is not None and not isinstance(p, nn.Parameter):
+                raise Refusal(
+                    f"{self._name(module)}: one of its parameters was replaced for this call by a "
+                    "computed tensor (torch.func.functional_call with weights derived from the "
+                    "parameters?), whose per-sample gradient the clipper would credit to the "
+                    "parameter itself; call the module with its own parameters")
         if isinstance(output, Tensor) and (self._batch <= 1 or output.dim() == 0
                                            or output.shape[0] != 1):
             # one tensor that cannot be expanded (every layer of an MLP): no tree, no expansion
             if output.requires_grad:
                 self._records.append(_Record(
                     module, rule, rule.save(module, args, kwargs, output), [_edge(output)],
-                    [(output.shape, output.dtype, output.device)], (args, kwargs)))
+                    [(output.shape, output.dtype, output.device)], (args, kwargs),
+                    _versions((args, kwargs))))
             return None
         leaves, spec = ([output], None) if isinstance(output, Tensor) else tree_flatten(output)
         generic = isinstance(rule, GenericRule)
@@ -529,7 +560,8 @@ class PerSampleClipper:
                 saved.broadcast = True
             self._records.append(
                 _Record(module, rule, saved, [_edge(o) for o in outs],
-                        [(o.shape, o.dtype, o.device) for o in outs], (args, kwargs))
+                        [(o.shape, o.dtype, o.device) for o in outs], (args, kwargs),
+                        _versions((args, kwargs)))
             )
         return output if expand else None
 
@@ -720,10 +752,25 @@ class PerSampleClipper:
         not fix the graph (``loss + (w ** 2).sum()`` or ``h + h.mean(0)`` on some steps only), so
         a proof is reused only for the same calls *and* the same graph fingerprint.
         """
+        self._modified(records)
+        hooked = gradient_hooked(trainable)
+        if hooked:
+            raise Refusal(
+                f"parameter {self._param_name(hooked[0])} has a gradient hook (register_hook): "
+                "per-sample clipping never forms its batch gradient, so the hook would not run; "
+                "remove the hook (freeze the parameter, or mask its inputs or outputs instead)")
         rules = self._rules
         boxes = [Box([e[:2] for e in r.edges], _input_edges(r.inputs), rules[r.module][3])
                  for r in records]
-        stray, fingerprint = stray_uses(losses, boxes, ids)
+        try:
+            stray, fingerprint = stray_uses(losses, boxes, ids)
+        except ReentrantCheckpoint:
+            raise Refusal(
+                f"{self._name(self.model)}: its forward uses a reentrant torch.utils.checkpoint "
+                "(use_reentrant=True), whose backward cannot give the layer output gradients "
+                "per-sample clipping needs; use use_reentrant=False (Hugging Face: model."
+                "gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': "
+                "False}))") from None
         if stray:
             by_id = {id(p): p for p in trainable}
             pid, box = stray[0]
@@ -737,6 +784,18 @@ class PerSampleClipper:
             )
         return fingerprint
 
+    def _modified(self, records: list[_Record]) -> None:
+        """Refuse a pass in which a recorded call's input was modified in place after the call
+        (``y = lin(x); x.mul_(2)``): its rule would read the modified values, which torch's own
+        backward refuses ("modified by an inplace operation") -- unless nothing is trained there."""
+        for r in records:
+            if r.versions != _versions(r.inputs) and any(
+                    p.requires_grad for p in self._covered(r)):
+                raise Refusal(
+                    f"{self._name(r.module)}: an input of this call was modified in place after "
+                    "the call, so its per-sample gradient would read the modified values (torch's "
+                    "backward refuses this too); use an out-of-place op (x = x * 2, not x.mul_(2))")
+
     def _probe(
         self, losses: Tensor, records: list[_Record], batch: int, trainable: list
     ) -> list[list[int]]:
@@ -746,18 +805,8 @@ class PerSampleClipper:
         probes = []
         with self._not_recording():  # a checkpointed forward re-run in backward
             for others, weights in _probe_groups(batch, losses) if edges else ():
-                try:
-                    grads = torch.autograd.grad(losses, edges, weights, retain_graph=True,
-                                                allow_unused=True)
-                except RuntimeError:
-                    if reaches(losses, "CheckpointFunctionBackward"):
-                        raise Refusal(
-                            f"module <model> ({type(self.model).__name__}): it runs "
-                            "torch.utils.checkpoint with use_reentrant=True, whose backward "
-                            "cannot reach the layer outputs inside it; use use_reentrant=False "
-                            "(Hugging Face: gradient_checkpointing_enable(gradient_checkpointing_"
-                            "kwargs={'use_reentrant': False}))") from None
-                    raise
+                grads = torch.autograd.grad(losses, edges, weights, retain_graph=True,
+                                            allow_unused=True)
                 probes.append((others, grads))
         live, at = [], 0  # calls whose outputs reach this loss (not a forward left without backward)
         for r in records:

@@ -34,6 +34,8 @@ from torch.func import functional_call, grad, vmap
 from torch.nn.utils.rnn import PackedSequence
 from torch.utils._pytree import tree_flatten, tree_leaves, tree_unflatten
 
+from trustml.privacy.broadcast import rng_state
+
 
 class Refusal(ValueError):
     """The engine cannot make this module's per-sample gradients exact (message says why)."""
@@ -71,10 +73,13 @@ def _arg(args: tuple, kwargs: dict, pos: int, name: str) -> Any:
 
 
 def _rnn_layout(module: nn.RNNBase, saved: Saved) -> Layout:
+    if isinstance(_arg(*tree_unflatten(saved.flat, saved.spec), 0, "input"), PackedSequence):
+        # (before _index_tree: a PackedSequence cannot be rebuilt from indices)
+        raise Refusal("PackedSequence inputs are not supported: pass a padded batch tensor")
     args, kwargs = _index_tree(saved)
     first = _arg(args, kwargs, 0, "input")
     x = saved.flat[first]
-    if isinstance(x, PackedSequence) or not isinstance(x, Tensor):
+    if not isinstance(x, Tensor):
         raise Refusal("PackedSequence inputs are not supported: pass a padded batch tensor")
     if x.dim() != 3:
         raise Refusal("unbatched (2-D) RNN input: pass a (batch, time, features) tensor")
@@ -100,7 +105,7 @@ def _mha_layout(module: nn.MultiheadAttention, saved: Saved) -> Layout:
             raise Refusal("unbatched (2-D) attention input: pass 3-D query/key/value")
         dims[i] = b
     mask = _arg(args, kwargs, 3, "key_padding_mask")
-    if isinstance(mask, int):
+    if isinstance(mask, int) and saved.flat[mask] is not None:  # passed as None by keyword: no dim
         dims[mask] = 0
     attn = _arg(args, kwargs, 5, "attn_mask")
     if isinstance(attn, int) and saved.flat[attn] is not None and saved.flat[attn].dim() == 3:
@@ -143,6 +148,8 @@ def _one(x: Any, d: int | None) -> Any:
     return x.unsqueeze(d) if d is not None else x
 
 
+RANDOM = ("it draws random numbers in its forward (dropout in training mode?), so its per-sample "
+          "gradient cannot be replayed: set its dropout to 0")
 MAX_AMBIGUOUS = 4  # inputs whose batch role a colliding pass may search (2**4 replays at most)
 
 
@@ -196,14 +203,24 @@ class GenericRule:
                         randomness="error")(params, flat, *extra)
         except RuntimeError as err:
             if "random" in str(err):
-                raise Refusal(
-                    "it draws random numbers in its forward (dropout in training mode?), so "
-                    "its per-sample gradient cannot be replayed: set its dropout to 0"
-                ) from err
+                raise Refusal(RANDOM) from err
             return self._loop(fn, params, flat, lay, extra, extra_dims)
 
     @staticmethod
     def _loop(fn, params, flat: list[Any], lay: Layout, extra, extra_dims):
+        """One call per sample where vmap cannot run the module (data-dependent control flow,
+        fused kernels). vmap refuses randomness itself; here a random draw shows as a moved
+        generator: each replayed sample would get a fresh dropout mask, not the forward's."""
+        before = rng_state()
+        results = GenericRule._each(fn, params, flat, lay, extra, extra_dims)
+        after = rng_state()
+        if not torch.equal(before[0], after[0]) or (
+            before[1] is not None and not all(map(torch.equal, before[1], after[1]))):
+            raise Refusal(RANDOM)
+        return results
+
+    @staticmethod
+    def _each(fn, params, flat: list[Any], lay: Layout, extra, extra_dims):
         sizes = [x.shape[d] for x, d in zip(flat, lay.inputs) if d is not None]
         sizes += [t.shape[d] for e, ds in zip(extra, extra_dims) for t, d in zip(e, ds)]
         results = []
@@ -340,8 +357,14 @@ class GenericRule:
                 yield p, whole[name].unsqueeze(0)
             return
         # a broadcast call (no batched input) is vmapped over its output gradients alone
-        per_sample = self._per_sample(
-            grad(sample_loss), detached, saved, lay, (grads,), (lay.outputs,)
-        )
+        try:
+            per_sample = self._per_sample(
+                grad(sample_loss), detached, saved, lay, (grads,), (lay.outputs,)
+            )
+        except RuntimeError as err:  # torch.func cannot run it even one sample at a time
+            raise Refusal(
+                "torch.func cannot take its per-sample gradient "
+                f"({str(err).splitlines()[0][:200]}): an autograd.Function without "
+                "setup_context, or a buffer updated in its forward?") from err
         for name, p in params.items():
             yield p, per_sample[name]

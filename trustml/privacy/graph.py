@@ -14,10 +14,17 @@ from collections.abc import Collection
 from dataclasses import dataclass
 
 import torch
+import torch.utils.checkpoint
 from torch import Tensor
 
 Edge = tuple[object, int]  # (autograd node, output number): where a tensor's gradient enters
 LEAF = torch._C._functions.AccumulateGrad  # a leaf's node: its ``variable`` is the tensor
+REENTRANT = torch.utils.checkpoint.CheckpointFunction._backward_cls  # use_reentrant=True
+
+
+class ReentrantCheckpoint(Exception):
+    """The graph holds a reentrant ``torch.utils.checkpoint``: its backward runs a nested
+    ``backward()`` that accepts no ``inputs=``, so no layer output gradient can be taken."""
 
 
 @dataclass
@@ -59,6 +66,8 @@ def stray_uses(loss: Tensor, boxes: list[Box], trainable: Collection[int]
             continue
         seen.add((node, box))
         kind = type(node)
+        if kind is REENTRANT:
+            raise ReentrantCheckpoint
         fingerprint = hash((fingerprint, kind, nr, box))
         if kind is LEAF:
             pid = id(node.variable)
@@ -71,16 +80,8 @@ def stray_uses(loss: Tensor, boxes: list[Box], trainable: Collection[int]
     return list(found.items()), fingerprint
 
 
-def reaches(loss: Tensor, kind: str) -> bool:
-    """Whether the graph behind ``loss`` has a node of class ``kind`` (a plain walk, for an error
-    path: :func:`stray_uses` is the per-pass one)."""
-    seen, stack = set(), [loss.grad_fn]
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        if type(node).__name__ == kind:
-            return True
-        seen.add(node)
-        stack.extend(child for child, _ in node.next_functions)
-    return False
+def gradient_hooked(params: list[Tensor]) -> list[Tensor]:
+    """Trainable parameters carrying a gradient hook (``p.register_hook``: a mask, a rescale). The
+    clipper never computes a parameter's batch gradient, so such a hook would never run: the
+    per-sample gradients would be the unhooked ones, silently. One attribute read per parameter."""
+    return [p for p in params if p._backward_hooks]

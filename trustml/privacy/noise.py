@@ -80,7 +80,9 @@ class GaussianNoise:
                 self._where[id(p)] = None if flat is None else (flat, k)
         self.std = 0.0
         self.generator: torch.Generator | None = None
-        self._started: set[int] = set()  # the noised parameters given a .grad this batch
+        # the noised parameters given a .grad this batch -> that tensor (None: std 0, the
+        # clipper writes its own); held only until the next begin, as .grad holds it anyway
+        self._started: dict[int, Tensor | None] = {}
 
     def begin(self, std: float, generator: torch.Generator | None) -> None:
         """A new logical batch: N(0, ``std``^2) per coordinate from ``generator`` (std 0: zeros)."""
@@ -96,7 +98,10 @@ class GaussianNoise:
         where = self._where.get(id(p), False)
         if where is False:
             return None
-        self._started.add(id(p))
+        grad = self._started[id(p)] = self._made(p, where)
+        return grad
+
+    def _made(self, p: nn.Parameter, where: tuple[_Flat, int] | None) -> Tensor | None:
         if where is None and not self.std:
             return None
         if where is None:
@@ -118,7 +123,11 @@ class GaussianNoise:
 
     def unnoised(self, params: list[nn.Parameter]) -> list[nn.Parameter]:
         """The noised ``params`` holding a ``.grad`` that :meth:`start` did not make in this
-        logical batch: a gradient written around the noise (must be none; DPStep refuses)."""
+        logical batch: a gradient written around the noise (must be none; DPStep refuses) --
+        also one that replaced the noised tensor after it was started (a hook's
+        ``p.grad = ...`` in a later physical batch would otherwise discard the noise)."""
+        started = self._started
         return [p for p in params
                 if p.grad is not None and self._where.get(id(p), False) is not False
-                and id(p) not in self._started]
+                and (id(p) not in started
+                     or (made := started[id(p)]) is not None and p.grad is not made)]

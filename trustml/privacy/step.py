@@ -129,6 +129,7 @@ class DPStep:
         self.verification: Verification | None = None
         self._noise: tuple[list, GaussianNoise] | None = None  # (layout, its noise plan)
         self._limit: tuple[tuple, int] | None = None  # (what it depends on, step limit)
+        self._held: tuple | None = None  # (clipped set, noise plan) found inside the optimizer
 
     def _trainable(self) -> list[torch.nn.Parameter]:
         return [p for g in self.optimizer.param_groups for p in g["params"] if p.requires_grad]
@@ -192,6 +193,7 @@ class DPStep:
         # norms are >= 0, so their sum is finite iff each is (short of a sum past the dtype's
         # range, itself an overflow): one reduction instead of isfinite + all
         overflow = bool(n) and not math.isfinite(norms.sum().item())
+        self._outside_optimizer(model, noise)
         if self.world.distributed:
             loss_sum, n, overflow = self._sum_over_ranks(loss_sum, n, overflow)
         self._noise_and_step(overflow, noise, model)
@@ -228,6 +230,26 @@ class DPStep:
                 self._clip(model, objective, {k: v[s] for k, v in part.items()}, norms, noise)
                 for s in (slice(0, cut), slice(cut, n))
             )
+
+    def _outside_optimizer(self, model: nn.Module, noise: GaussianNoise) -> None:
+        """Refuse a parameter the clipper clipped (it requires grad) that the optimizer does not
+        hold: it is never noised, so its ``.grad`` would keep an un-noised clipped sum for a
+        second optimizer or any reader. Its ``.grad`` is dropped first. Checked again only when
+        the clipped set or the noise plan (the optimizer's set) changes: two identity tests."""
+        clipped = self.clipper.trainable
+        if self._held is not None and self._held[0] is clipped and self._held[1] is noise:
+            return
+        held = {id(p) for p in self.params}
+        outside = [p for p in clipped if id(p) not in held]
+        if outside:
+            for p in outside:
+                p.grad = None
+            names = {id(p): n for n, p in model.named_parameters()}
+            raise ValueError(
+                "DP step refused: " + ", ".join(names.get(id(p), "a parameter") for p in outside)
+                + " requires grad but is not in the optimizer, so it would never be noised; add "
+                "it to the optimizer or freeze it (requires_grad_(False))")
+        self._held = (clipped, noise)
 
     def _sum_over_ranks(self, loss_sum: float, n: int, overflow: bool) -> tuple[float, int, bool]:
         """The logical batch's totals over all ranks (data parallelism)."""
