@@ -275,6 +275,21 @@ class TwoViews(nn.Module):
         return self.b(torch.tanh(self.a(views))).view(2, b, 2).sum(0)
 
 
+class NormalisedGrad(TwoLayers):
+    """A tensor hook dividing the activation's gradient by its norm over the whole batch."""
+
+    def hidden(self, h):
+        if h.requires_grad:
+            h.register_hook(lambda g: g / g.norm())
+        return h
+
+
+def normalised_grad_output():
+    m = TwoLayers()
+    m.b.register_full_backward_pre_hook(lambda mod, grad_out: (grad_out[0] / grad_out[0].norm(),))
+    return m
+
+
 CASES = [
     Case("bilinear", BilinearModel, randn("B", D), squared_loss),
     Case("prelu-shared", lambda: nn.Sequential(nn.Linear(D, D), nn.PReLU(), nn.Linear(D, 2)),
@@ -323,6 +338,13 @@ CASES = [
          names=("a", "Linear"), exact_when=lambda b: b == 1),
     Case("weight-grad-hook", masked_weight_grad, randn("B", D), squared_loss, expect="refused",
          names=("a.weight", "register_hook")),
+    # Zero-preserving but not linear in the output gradient: the other samples' rows stay zero,
+    # and the real backward sums all losses before the hook divides by the batch's norm; the
+    # probes' parts of the batch then do not add up to the whole (alone, at B = 1: exact).
+    Case("tensor-hook-normalises-grad", NormalisedGrad, randn("B", D), squared_loss,
+         names=("a (Linear)", "not linear"), exact_when=lambda b: b == 1),
+    Case("backward-pre-hook-normalises-grad", normalised_grad_output, randn("B", D),
+         squared_loss, names=("(Linear)", "not linear"), exact_when=lambda b: b == 1),
     Case("embedding-max-norm", lambda: Tok(nn.Embedding(11, D, max_norm=0.5)), token_ids,
          squared_loss, expect="refused", names=("emb", "max_norm")),
     Case("embedding-sparse", lambda: Tok(nn.Embedding(11, D, sparse=True)), token_ids,
@@ -358,21 +380,6 @@ class DetachedBatchNorm(TwoLayers):
         return h / h.detach().norm()
 
 
-class NormalisedGrad(TwoLayers):
-    """A tensor hook dividing the activation's gradient by its norm over the whole batch."""
-
-    def hidden(self, h):
-        if h.requires_grad:
-            h.register_hook(lambda g: g / g.norm())
-        return h
-
-
-def normalised_grad_output():
-    m = TwoLayers()
-    m.b.register_full_backward_pre_hook(lambda mod, grad_out: (grad_out[0] / grad_out[0].norm(),))
-    return m
-
-
 class DerivedWeights(SameParams):
     """functional_call with weights computed from the parameters (2 w)."""
 
@@ -405,13 +412,6 @@ WRONG = [
     (Case("loss-over-batch-token-count", lambda: nn.Linear(D, 2), tokens, over_batch_tokens,
           dims=[0, 0]),
      "each loss divided by the batch's token count (an integer computed from other samples)"),
-    # Zero-preserving but nonlinear in the output gradient: the probe checks only which rows are
-    # zero, and the real backward sums all losses before the hook divides by the batch's norm.
-    (Case("tensor-hook-normalises-grad", NormalisedGrad, randn("B", D), squared_loss),
-     "a tensor hook g / g.norm() over the batch: zero rows stay zero, values are coupled"),
-    (Case("backward-pre-hook-normalises-grad", normalised_grad_output, randn("B", D),
-          squared_loss),
-     "a module full-backward pre-hook g / g.norm() over the batch"),
 ]
 
 

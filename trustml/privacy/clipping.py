@@ -283,6 +283,13 @@ def _probe_groups(batch: int, losses: Tensor) -> list[tuple[Tensor, Tensor]]:
             for keep in words.T]
 
 
+def _linear_tolerance(dtype: torch.dtype) -> float:
+    """How far (relative to the whole pass's largest output gradient) the probes may miss adding
+    up to it from rounding alone: they weight each loss differently, so fp32 matmuls in TF32 on
+    a GPU round their inputs apart (~1e-3); a batch-wide rescale misses by a factor."""
+    return 1e-7 if dtype == torch.float64 else 1e-2 if dtype == torch.float32 else 5e-2
+
+
 def _first_tensor(tree: Any) -> Tensor | None:
     args = tree[0]
     if args and isinstance(args[0], Tensor) and args[0].dim() > 0:  # the common case: no tree walk
@@ -708,7 +715,7 @@ class PerSampleClipper:
         if g.dim() > d and g.shape[d] == batch:
             return
         if d == 0 and g.dim() > 1 and g.shape[0] == batch * self._fold(r, g.shape, batch) > batch:
-            return  # rows folded sample-major, proved by the probe (_folded)
+            return  # rows folded sample-major, proved by the probe (_probe)
         if g.dim() > d and g.shape[d] == 1:
             why = (
                 "its output is computed once and shared by the whole batch (batch dim of size 1, "
@@ -800,19 +807,65 @@ class PerSampleClipper:
         self, losses: Tensor, records: list[_Record], batch: int, trainable: list
     ) -> list[list[int]]:
         """Prove this pass's structure once (see the module docstring) or refuse; return the
-        batch dim of every recorded output."""
+        batch dim of every recorded output.
+
+        Each probe's output gradients are reduced as they arrive (which dims hold rows of the kept
+        samples only, whether folded rows do), so one probe's gradients are held at a time, beside
+        one running sum. The sum checks that the probes, which hold each sample's loss n // 2
+        times in all, add up to n // 2 times one pass over all the losses: a backward hook that
+        rescales a gradient by a batch-wide quantity (``g / g.norm()``) keeps the other samples'
+        rows at zero, but then its parts of the batch do not add up to the whole. (A hook acting
+        on each row alone, a clamp, passes: each sample's rows are the same in every pass.)
+        """
         edges = [e for r in records for e in r.edges]
-        probes = []
+        owner = [r for r in records for _ in r.edges]
+        shapes = [o[0] for r in records for o in r.outputs]
+        live = [False] * len(edges)  # outputs that reach this loss (not a forward left unused)
+        local = [{d: True for d, n in enumerate(s) if n == batch} for s in shapes]
+        folds = [s[0] // batch if len(s) > 1 and s[0] % batch == 0 and s[0] > batch else 0
+                 for s in shapes]  # rows per sample of a (B * T, d) output
+        folded = [k > 0 for k in folds]
+        groups = _probe_groups(batch, losses) if edges else []
         with self._not_recording():  # a checkpointed forward re-run in backward
-            for others, weights in _probe_groups(batch, losses) if edges else ():
+            rest = None
+            if len(groups) > 1:  # each sample's loss is in n // 2 of the n probes
+                weights = torch.stack([w for _, w in groups]).amax(0)  # the kept losses' weights
+                whole = torch.autograd.grad(losses, edges, weights, retain_graph=True,
+                                            allow_unused=True)
+                count = len(groups) // 2
+                scale = [None if g is None else count * float(g.abs().max()) for g in whole]
+                rest = [None if g is None else g * count for g in whole]
+                del whole
+            for others, weights in groups:
                 grads = torch.autograd.grad(losses, edges, weights, retain_graph=True,
                                             allow_unused=True)
-                probes.append((others, grads))
-        live, at = [], 0  # calls whose outputs reach this loss (not a forward left without backward)
+                for i, g in enumerate(grads):
+                    if g is None:
+                        continue
+                    live[i] = True
+                    for d, ok in local[i].items():
+                        local[i][d] = ok and self._rows_local(g, d, others)
+                    if folded[i]:
+                        k = folds[i]
+                        rows = others.unsqueeze(1) * k + torch.arange(k, device=others.device)
+                        folded[i] = self._rows_local(g, 0, rows.flatten())
+                    if rest is not None:  # out of place: autograd may hand one tensor to two edges
+                        rest[i] = -g if rest[i] is None else rest[i] - g
+                del grads
+        if rest is not None:
+            for i in reversed(range(len(edges))):  # the output nearest the loss names the culprit
+                if rest[i] is not None and float(rest[i].abs().max()) > _linear_tolerance(
+                        rest[i].dtype) * (scale[i] or 0.0):
+                    raise self._refuse(
+                        owner[i], "its output gradient is not linear in the per-sample losses "
+                        "(the gradients of parts of the batch do not add up to the whole), so its "
+                        "rows are not per-sample gradients: a backward hook after it rescaling "
+                        "the gradient by a batch-wide quantity (g / g.norm())?", batch)
+        alive, at = [], 0
         for r in records:
-            live.append(any(g[i] is not None for _, g in probes
-                            for i in range(at, at + len(r.edges))))
+            alive.append(any(live[at: at + len(r.edges)]))
             at += len(r.edges)
+        live = alive
         try:
             with self._not_recording():  # a generic rule's check re-runs its module
                 for r, alive in zip(records, live):
@@ -835,11 +888,9 @@ class PerSampleClipper:
             mine = []
             for k, (shape, _, _) in enumerate(r.outputs):
                 cands = [fixed[k]] if generic else batch_dims(r.rule, r.module, len(shape))
-                ok = [d for d in cands if len(shape) > d and shape[d] == batch
-                      and all(self._rows_local(g[at + k], d, others) for others, g in probes)]
-                if not ok and self._folded(r, shape, batch, [g[at + k] for _, g in probes],
-                                           [others for others, _ in probes]):
-                    ok = [0]
+                ok = [d for d in cands if local[at + k].get(d, False)]
+                if not ok and folded[at + k] and self._fold(r, shape, batch) == folds[at + k]:
+                    ok = [0]  # rows folded sample-major, (B * T, d) (OPT's MLP): read as (B, T, d)
                 if not ok:
                     if generic and len(shape) > fixed[k] and shape[fixed[k]] == batch:
                         raise self._refuse(
@@ -873,17 +924,6 @@ class PerSampleClipper:
         if isinstance(r.rule, FOLDABLE) and shape and shape[0] % batch == 0:
             return shape[0] // batch
         return 1
-
-    def _folded(self, r: _Record, shape: torch.Size, batch: int, grads: list, others: list
-                ) -> bool:
-        """A position-wise layer on rows folded sample-major, (B * T, d) (OPT's MLP): rows
-        i*T .. (i+1)*T - 1 reach only sample i's loss. Its rule reads the rows as (B, T, d)."""
-        k = self._fold(r, shape, batch)
-        if k == 1 or len(shape) < 2:
-            return False
-        rows = torch.arange(k, device=others[0].device) if others else None
-        return all(self._rows_local(g, 0, (o.unsqueeze(1) * k + rows).flatten())
-                   for g, o in zip(grads, others))
 
     @staticmethod
     def _rows_local(g: Tensor | None, d: int, others: Tensor) -> bool:
