@@ -94,6 +94,15 @@ def judge(case: Case, batch: int) -> tuple[str, str]:
     return "exact", ""
 
 
+def check_case(case: Case, batch: int) -> None:
+    """The case's fixed verdict at this batch size (``exact_when`` decides per batch), or fail."""
+    expect = case.expect
+    if case.exact_when is not None:
+        expect = "exact" if case.exact_when(batch) else "refused"
+    verdict, why = judge(case, batch)
+    assert verdict == expect, why
+
+
 # ---- models ----------------------------------------------------------------------------------
 
 
@@ -508,11 +517,7 @@ class TwoEmbeddings(nn.Module):
 @pytest.mark.parametrize("batch", BATCHES)
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_exact_or_refused(case: Case, batch: int) -> None:
-    expect = case.expect
-    if case.exact_when is not None:
-        expect = "exact" if case.exact_when(batch) else "refused"
-    verdict, why = judge(case, batch)
-    assert verdict == expect, why
+    check_case(case, batch)
 
 
 def test_proof_at_one_batch_size_not_reused_at_another():
