@@ -1,10 +1,13 @@
 """One-time costs of the DP engine's checks, as multiples of one (warm) DP step.
 
-* probe: the first backward of a new pass signature (graph walk for stray parameter uses, two
-  backward passes proving each layer's batch rows, per-sample replay of generic-path calls);
+* probe: the first backward of a new pass signature (graph walk for stray parameter uses; about
+  log2 B + 1 backward passes proving that each layer's rows reach only their own sample's loss and
+  that the batch's parts add up to the whole; per-sample replay of generic-path calls);
 * self-check (``verify=True``): the first batch's float64 naive per-sample loop on 4 samples.
 
-Both run once per run (the probe again only when the pass's signature changes), never per step.
+Both run once per run (the probe again when the pass's signature changes, e.g. for each new
+Poisson batch size), never per step. CPU time of the process (``time.process_time``), as
+dp_step.py measures: steadier than wall clock on a shared machine.
 
     python benchmarks/dp_checks.py --repeats 5
     python benchmarks/dp_checks.py --rows gpt2v50k,cnn   # any row of dp_step.py
@@ -33,14 +36,14 @@ def first_and_warm(row: Row, batch, verify: bool, repeats: int) -> tuple[float, 
     dp = make_private(model, opt, Rows(batch), noise_multiplier=1.0, target_delta=1e-5, epochs=1,
                       max_grad_norm=1.0, batch_size=row.batch, verify=verify)
     objective = objective_for(row, explicit_ids=False)
-    t0 = time.perf_counter()
+    t0 = time.process_time()
     dp.step.step(model, objective, batch)
-    first = time.perf_counter() - t0
+    first = time.process_time() - t0
     warm = []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0 = time.process_time()
         dp.step.step(model, objective, batch)
-        warm.append(time.perf_counter() - t0)
+        warm.append(time.process_time() - t0)
     return first, statistics.median(warm)
 
 
