@@ -402,14 +402,15 @@ def test_probes_separate_every_ordered_pair_of_samples(batch):
     """For every samples i != j, some probe keeps i's loss and not j's rows: a loss of i reaching
     j's rows shows there. The least n probes with C(n, n // 2) >= B (one for B = 1), weights in
     [1, 2) on the kept losses."""
-    probes = _probe_groups(batch, torch.zeros(batch, dtype=torch.float64))
+    weights, probes = _probe_groups(batch, torch.zeros(batch, dtype=torch.float64))
     n = len(probes)
     assert n == 1 if batch == 1 else math.comb(n, n // 2) >= batch > math.comb(n - 1, (n - 1) // 2)
     keep = torch.ones(n, batch, dtype=torch.bool)
-    for k, (others, weights) in enumerate(probes):
+    assert bool((weights >= 1).all() and (weights < 2).all())
+    for k, (others, kept) in enumerate(probes):
         keep[k, others] = False
-        assert bool((weights[keep[k]] >= 1).all() and (weights[keep[k]] < 2).all())
-        assert bool((weights[others] == 0).all())
+        assert torch.equal(kept[keep[k]], weights[keep[k]])
+        assert bool((kept[others] == 0).all())
     separated = (keep.unsqueeze(2) & ~keep.unsqueeze(1)).any(0)  # [i, j]: i kept, j not
     assert bool((separated | torch.eye(batch, dtype=torch.bool)).all())
 

@@ -257,9 +257,10 @@ def _edge(t: Tensor) -> GradientEdge:
     return GradientEdge(node, t.output_nr)
 
 
-def _probe_groups(batch: int, losses: Tensor) -> list[tuple[Tensor, Tensor]]:
-    """The probes proving that each recorded output row reaches only its own sample's loss: (the
-    indices of the samples NOT kept, the weights of the losses differentiated).
+def _probe_groups(batch: int, losses: Tensor) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
+    """The probes proving that each recorded output row reaches only its own sample's loss: the
+    samples' loss weights, and per probe (the indices of the samples NOT kept, the weights of the
+    losses it differentiates: the kept samples' weights, 0 elsewhere).
 
     Every sample gets its own set of n // 2 of the n probes (a distinct code word of weight
     n // 2, so none contains another's): for samples i != j some probe keeps i and not j, and
@@ -271,7 +272,8 @@ def _probe_groups(batch: int, losses: Tensor) -> list[tuple[Tensor, Tensor]]:
     on a row by symmetry. One sample: one pass, showing which outputs reach the loss at all.
     """
     if batch == 1:
-        return [(torch.zeros(0, dtype=torch.long, device=losses.device), torch.ones_like(losses))]
+        ones = torch.ones_like(losses)
+        return ones, [(torch.zeros(0, dtype=torch.long, device=losses.device), ones)]
     n = 2
     while math.comb(n, n // 2) < batch:
         n += 1
@@ -279,8 +281,9 @@ def _probe_groups(batch: int, losses: Tensor) -> list[tuple[Tensor, Tensor]]:
     words = torch.zeros(batch, n, dtype=torch.bool).scatter_(1, chosen, True)  # (B, n)
     weights = torch.rand(batch, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     weights = (1 + weights).to(losses.dtype)
-    return [((~keep).nonzero().squeeze(1).to(losses.device), (weights * keep).to(losses.device))
-            for keep in words.T]
+    return weights.to(losses.device), [
+        ((~keep).nonzero().squeeze(1).to(losses.device), (weights * keep).to(losses.device))
+        for keep in words.T]
 
 
 def _linear_tolerance(dtype: torch.dtype) -> float:
@@ -820,29 +823,28 @@ class PerSampleClipper:
         edges = [e for r in records for e in r.edges]
         owner = [r for r in records for _ in r.edges]
         shapes = [o[0] for r in records for o in r.outputs]
-        live = [False] * len(edges)  # outputs that reach this loss (not a forward left unused)
+        reached = [False] * len(edges)  # outputs that reach this loss (not a forward left unused)
         local = [{d: True for d, n in enumerate(s) if n == batch} for s in shapes]
         folds = [s[0] // batch if len(s) > 1 and s[0] % batch == 0 and s[0] > batch else 0
                  for s in shapes]  # rows per sample of a (B * T, d) output
         folded = [k > 0 for k in folds]
-        groups = _probe_groups(batch, losses) if edges else []
+        weights, groups = _probe_groups(batch, losses) if edges else (None, [])
         with self._not_recording():  # a checkpointed forward re-run in backward
             rest = None
             if len(groups) > 1:  # each sample's loss is in n // 2 of the n probes
-                weights = torch.stack([w for _, w in groups]).amax(0)  # the kept losses' weights
                 whole = torch.autograd.grad(losses, edges, weights, retain_graph=True,
                                             allow_unused=True)
                 count = len(groups) // 2
                 scale = [None if g is None else count * float(g.abs().max()) for g in whole]
                 rest = [None if g is None else g * count for g in whole]
                 del whole
-            for others, weights in groups:
-                grads = torch.autograd.grad(losses, edges, weights, retain_graph=True,
+            for others, kept in groups:
+                grads = torch.autograd.grad(losses, edges, kept, retain_graph=True,
                                             allow_unused=True)
                 for i, g in enumerate(grads):
                     if g is None:
                         continue
-                    live[i] = True
+                    reached[i] = True
                     for d, ok in local[i].items():
                         local[i][d] = ok and self._rows_local(g, d, others)
                     if folded[i]:
@@ -861,11 +863,10 @@ class PerSampleClipper:
                         "(the gradients of parts of the batch do not add up to the whole), so its "
                         "rows are not per-sample gradients: a backward hook after it rescaling "
                         "the gradient by a batch-wide quantity (g / g.norm())?", batch)
-        alive, at = [], 0
+        live, at = [], 0  # per call: whether any of its outputs reached the loss
         for r in records:
-            alive.append(any(live[at: at + len(r.edges)]))
+            live.append(any(reached[at: at + len(r.edges)]))
             at += len(r.edges)
-        live = alive
         try:
             with self._not_recording():  # a generic rule's check re-runs its module
                 for r, alive in zip(records, live):

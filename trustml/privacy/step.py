@@ -77,6 +77,12 @@ def _all_reduce_grads(grads: list[torch.Tensor], world: World) -> None:
         g.copy_(summed)
 
 
+def _named(model: nn.Module, params: list[torch.Tensor]) -> str:
+    """The names of ``params`` in ``model``, for a refusal (a shape where one has no name)."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    return ", ".join(names.get(id(p), f"a {tuple(p.shape)} parameter") for p in params)
+
+
 class DPStep:
     """Clip per sample, add noise, step the optimizer and the accountant.
 
@@ -244,11 +250,10 @@ class DPStep:
         if outside:
             for p in outside:
                 p.grad = None
-            names = {id(p): n for n, p in model.named_parameters()}
             raise ValueError(
-                "DP step refused: " + ", ".join(names.get(id(p), "a parameter") for p in outside)
-                + " requires grad but is not in the optimizer, so it would never be noised; add "
-                "it to the optimizer or freeze it (requires_grad_(False))")
+                "DP step refused: " + _named(model, outside) + " requires grad but is not in the "
+                "optimizer, so it would never be noised; add it to the optimizer or freeze it "
+                "(requires_grad_(False))")
         self._held = (clipped, noise)
 
     def _sum_over_ranks(self, loss_sum: float, n: int, overflow: bool) -> tuple[float, int, bool]:
@@ -269,10 +274,9 @@ class DPStep:
                 p.grad = noise.zeros_or_noise(p)
         unnoised = noise.unnoised(self.params)
         if unnoised:  # a gradient written around the clipper: never step on it without noise
-            names = {id(p): n for n, p in model.named_parameters()}
             raise RuntimeError(
                 "DP step refused: the .grad of "
-                + ", ".join(names.get(id(p), f"a {tuple(p.shape)} parameter") for p in unnoised)
+                + _named(model, unnoised)
                 + " was written outside the clipper during this step (a hook or another backward"
                 " pass?), so it holds no noise; the update was not applied")
         if self.world.distributed:
